@@ -1,0 +1,197 @@
+"""Memory-bounded code search: nearest neighbour (L2) and max inner product.
+
+A codebook of V = 2^18 entries makes an N x V distance matrix the largest
+buffer of a whole training step (4096 tokens -> 4 GiB in float32). The search
+here never builds it: rows are processed in chunks of `row_chunk`, and for each
+chunk the codebook is scanned in tiles of `tile_size` entries while a running
+(best value, best index) is carried, so peak memory is
+O(row_chunk x tile_size) whatever V is.
+
+Semantics are exactly those of `argmin` over the full matrix:
+
+* L2 distances use the expanded form ||x||^2 + ||c||^2 - 2 x.c in float32, as
+  the GSQ reference does, so near-ties resolve the same way.
+* `tie_break="first"` returns the lowest index among exact ties (tiles are
+  visited in order and only a strictly better tile replaces the carry).
+* `tie_break="random"` picks uniformly among exact ties: every (row, code)
+  pair gets a pseudo-random 32-bit priority from a counter-based hash of a
+  per-row seed and the code index, and ties go to the highest priority. This
+  is the reference's "sample uniformly from the mask dist == min", without
+  generating an N x V random tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Metric = Literal["l2", "dot"]
+TieBreak = Literal["first", "random"]
+
+# Default working-set size of one (row chunk x code tile) block, in elements.
+# 2^22 float32 = 16 MiB keeps the block in cache-friendly territory on CPU and
+# is negligible on accelerators.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _mix32(h):
+  """murmur3's 32-bit finaliser: a cheap, well-mixed counter-based hash."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def tie_priorities(row_seeds, code_ids):
+  """Pseudo-random uint32 priority of each (row, code) pair, shape (R, T)."""
+  return _mix32(row_seeds[:, None] ^ (code_ids[None, :].astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
+
+
+def _scores(x, x_sq, codes, codes_sq, metric: Metric, distance_dtype):
+  """Values to minimise for a block: L2 distance, or the negated inner product."""
+  if distance_dtype == jnp.float32:
+    dots = jnp.dot(x, codes.T, precision=jax.lax.Precision.HIGHEST)
+  else:
+    # Emulates torch autocast: the matmul result itself is rounded to bf16,
+    # the norms stay in float32.
+    dots = jnp.dot(x.astype(distance_dtype), codes.T.astype(distance_dtype),
+                   preferred_element_type=jnp.float32).astype(distance_dtype).astype(jnp.float32)
+  if metric == "l2":
+    return x_sq[:, None] + codes_sq[None, :] - 2.0 * dots
+  return -dots
+
+
+def _block_best(scores, code_ids, valid, seeds):
+  """Best (value, index, priority) per row of one block of scores."""
+  scores = jnp.where(valid[None, :], scores, jnp.inf)
+  if seeds is None:
+    arg = jnp.argmin(scores, axis=1)
+    best = jnp.take_along_axis(scores, arg[:, None], axis=1)[:, 0]
+    prio = jnp.zeros(best.shape, jnp.uint32)
+  else:
+    best = jnp.min(scores, axis=1)
+    prios = jnp.where(scores == best[:, None], tie_priorities(seeds, code_ids) | jnp.uint32(1), jnp.uint32(0))
+    arg = jnp.argmax(prios, axis=1)
+    prio = jnp.take_along_axis(prios, arg[:, None], axis=1)[:, 0]
+  return best, code_ids[arg], prio
+
+
+def merge_best(a, b):
+  """Combines two (value, index, priority) triples; `a` covers lower indices.
+
+  `b` wins only if strictly better, or equal with a higher tie priority (the
+  priority is zero for first-index tie-breaking, so `a` keeps ties).
+  """
+  av, ai, ap = a
+  bv, bi, bp = b
+  take_b = (bv < av) | ((bv == av) & (bp > ap))
+  return jnp.where(take_b, bv, av), jnp.where(take_b, bi, ai), jnp.where(take_b, bp, ap)
+
+
+def _search_rows(x, codes, codes_sq, seeds, *, metric, tile_size, distance_dtype, index_offset):
+  """Scans the codebook in tiles for one chunk of rows."""
+  v = codes.shape[0]
+  num_tiles = -(-v // tile_size)
+  pad = num_tiles * tile_size - v
+  codes_t = jnp.pad(codes, ((0, pad), (0, 0))).reshape(num_tiles, tile_size, -1)
+  codes_sq_t = jnp.pad(codes_sq, (0, pad)).reshape(num_tiles, tile_size)
+  x_sq = jnp.sum(jnp.square(x), axis=-1)
+
+  def tile_best(t, c, c_sq):
+    local = t * tile_size + jnp.arange(tile_size, dtype=jnp.int32)
+    scores = _scores(x, x_sq, c, c_sq, metric, distance_dtype)
+    return _block_best(scores, local + index_offset, local < v, seeds)
+
+  if num_tiles == 1:
+    return tile_best(0, codes_t[0], codes_sq_t[0])
+
+  def body(carry, inputs):
+    t, c, c_sq = inputs
+    return merge_best(carry, tile_best(t, c, c_sq)), None
+
+  rows = x.shape[0]
+  init = (jnp.full((rows,), jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.int32),
+          jnp.zeros((rows,), jnp.uint32))
+  best, _ = jax.lax.scan(body, init, (jnp.arange(num_tiles), codes_t, codes_sq_t))
+  return best
+
+
+def search_best(x, codes, *, metric: Metric = "l2", tie_break: TieBreak = "first", rng=None,
+                tile_size: int | None = None, row_chunk: int | None = None,
+                distance_dtype=jnp.float32, index_offset=0):
+  """Best code per row as (value, index, tie priority), without an N x V buffer.
+
+  This is the building block of `nearest_code`; it is exposed so that a
+  codebook sharded over devices can search its shard (with `index_offset` the
+  shard's first global index) and reduce the triples with `merge_best`.
+
+  Args:
+    x: (N, d) queries (already normalised if the lookup is spherical).
+    codes: (V, d) codebook (likewise).
+    metric: "l2" minimises ||x - c||^2; "dot" maximises x.c.
+    tie_break: "first" (lowest index among exact ties) or "random" (uniform
+      among exact ties; needs `rng`).
+    rng: PRNG key, only for `tie_break="random"`.
+    tile_size: codes per tile; default keeps a block at ~2^22 elements.
+    row_chunk: rows per chunk; default min(N, 4096).
+    distance_dtype: float32, or bfloat16 to round the inner products as torch
+      autocast does (more exact ties, as in the reference's bf16 training).
+    index_offset: added to the returned indices (for codebook shards).
+
+  Returns:
+    (value, index int32, priority uint32), each of shape (N,). For "dot" the
+    value is the negated inner product.
+  """
+  x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+  codes = jax.lax.stop_gradient(jnp.asarray(codes, jnp.float32))
+  n, v = x.shape[0], codes.shape[0]
+  distance_dtype = jnp.dtype(distance_dtype)
+  if tie_break not in ("first", "random"):
+    raise ValueError(f"search_best: `tie_break` must be 'first' or 'random', got {tie_break!r}")
+  if metric not in ("l2", "dot"):
+    raise ValueError(f"search_best: `metric` must be 'l2' or 'dot', got {metric!r}")
+  if tie_break == "random" and rng is None:
+    raise ValueError("search_best: tie_break='random' needs `rng` (a jax.random key)")
+  row_chunk = max(1, min(n, row_chunk or 4096))
+  tile_size = max(1, min(v, tile_size or max(128, _BLOCK_ELEMENTS // row_chunk)))
+  codes_sq = jnp.sum(jnp.square(codes), axis=-1) if metric == "l2" else jnp.zeros((v,), jnp.float32)
+
+  num_chunks = -(-n // row_chunk)
+  pad = num_chunks * row_chunk - n
+  xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(num_chunks, row_chunk, -1)
+  if tie_break == "random":
+    seeds = jax.random.bits(rng, (num_chunks * row_chunk,), jnp.uint32).reshape(num_chunks, row_chunk)
+  else:
+    seeds = None
+
+  search = functools.partial(_search_rows, codes=codes, codes_sq=codes_sq, metric=metric,
+                             tile_size=tile_size, distance_dtype=distance_dtype,
+                             index_offset=index_offset)
+  if num_chunks == 1:
+    best = search(xs[0], seeds=None if seeds is None else seeds[0])
+  elif seeds is None:
+    best = jax.lax.map(lambda xc: search(xc, seeds=None), xs)
+  else:
+    best = jax.lax.map(lambda a: search(a[0], seeds=a[1]), (xs, seeds))
+  return tuple(b.reshape(-1)[:n] for b in best)
+
+
+def nearest_code(x, codes, **kwargs):
+  """Index (N,) int32 of the best code per row; see `search_best` for the arguments."""
+  return search_best(x, codes, **kwargs)[1]
+
+
+def nearest_code_dense(x, codes, *, metric: Metric = "l2"):
+  """The materialise-everything search (N x V matrix): for tests and benchmarks only."""
+  x = jnp.asarray(x, jnp.float32)
+  codes = jnp.asarray(codes, jnp.float32)
+  dots = jnp.dot(x, codes.T, precision=jax.lax.Precision.HIGHEST)
+  if metric == "l2":
+    scores = jnp.sum(x * x, -1)[:, None] + jnp.sum(codes * codes, -1)[None, :] - 2.0 * dots
+  else:
+    scores = -dots
+  return jnp.argmin(scores, axis=1).astype(jnp.int32)

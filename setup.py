@@ -1,0 +1,55 @@
+"""Installable package for gsq_jax (Grouped Spherical Quantization tokenizers in JAX)."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "grain>=0.2.18",
+    "ml-collections>=1.1.0",
+    "tensorflow-datasets>=4.9.10",
+    "clu>=0.0.12",
+    "dm-pix>=0.4.5",
+    "numpy",
+    "scipy",
+    "pillow",
+]
+
+EXTRAS_REQUIRE = {
+    # Everything the test suite needs on a fresh Python 3.11 machine.
+    "test": [
+        "pytest>=8",
+        "scikit-image>=0.24",
+        "pandas>=2",
+        "matplotlib>=3.8",
+        "nbclient>=0.10",
+        "nbformat>=5",
+        "ipykernel>=6",
+        "psutil",
+    ],
+    # Reproducing the scaling curves in the notebooks of analysis/.
+    "notebooks": [
+        "jupyter",
+        "pandas>=2",
+        "matplotlib>=3.8",
+        "pyarrow",
+    ],
+    # TensorBoard event files without TensorFlow.
+    "tb": ["tensorboardX"],
+}
+
+setuptools.setup(
+    name="gsq_jax",
+    version="0.1.0",
+    description="Grouped Spherical Quantization image tokenizers and scaling studies in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["gsq_jax", "gsq_jax.*"]),
+    package_data={"gsq_jax": ["data/*.json", "data/*.csv"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": []},
+)
