@@ -15,15 +15,17 @@ INSTALL_REQUIRES = [
     "numpy",
     "scipy",
     "pillow",
+    # The zero-setup `demo` data source crops the photographs shipped in scikit-image.
+    "scikit-image>=0.24",
+    # Scaling tables and fits (gsq_jax.analysis), plots of the Quickstart.
+    "pandas>=2",
+    "matplotlib>=3.8",
 ]
 
 EXTRAS_REQUIRE = {
     # Everything the test suite needs on a fresh Python 3.11 machine.
     "test": [
         "pytest>=8",
-        "scikit-image>=0.24",
-        "pandas>=2",
-        "matplotlib>=3.8",
         "nbclient>=0.10",
         "nbformat>=5",
         "ipykernel>=6",
@@ -32,8 +34,6 @@ EXTRAS_REQUIRE = {
     # Reproducing the scaling curves in the notebooks of analysis/.
     "notebooks": [
         "jupyter",
-        "pandas>=2",
-        "matplotlib>=3.8",
         "pyarrow",
     ],
     # TensorBoard event files without TensorFlow.
@@ -48,8 +48,10 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["gsq_jax", "gsq_jax.*"]),
-    package_data={"gsq_jax": ["data/*.json", "data/*.csv"]},
+    package_data={"gsq_jax.data": ["*.json", "*.csv"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "gsq-prepare=gsq_jax.prepare:main",
+    ]},
 )

@@ -57,6 +57,11 @@ def fsq_quantize(z, levels: Sequence[int], *, variant: Variant = "paper") -> bas
   base.require(variant in ("paper", "flex_gen"), fn, f"`variant` must be 'paper' or 'flex_gen', got {variant!r}")
   L = jnp.asarray(lv, z.dtype)
   if variant == "paper":
+    # atanh(offset / half_l) needs half_l > 0.5, i.e. L >= 3: the tanh bound
+    # cannot centre two levels (the official notebook's tan() hides this).
+    base.require(bool(np.all(lv >= 3)), fn,
+                 f"every entry of `levels` must be >= 3 for variant='paper', got {lv.tolist()}; "
+                 "use LFQ for binary channels, or variant='flex_gen'")
     half_l = (L - 1) * (1 - _EPS) / 2
     offset = jnp.where(lv % 2 == 0, 0.5, 0.0).astype(z.dtype)
     shift = jnp.arctanh(offset / half_l)

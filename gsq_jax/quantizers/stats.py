@@ -16,7 +16,7 @@ therefore carries the counts it was measured on (`tokens` = latent positions
 N, `lookups` = N * G) and that uniform expectation, so usage numbers from
 different sample sizes are never compared blindly.
 
-The counter is a (G, V) int32 histogram updated with `segment_sum`; inside a
+The counter is a (G, V) int32 histogram updated by a scatter-add (segment sum); inside a
 jitted function over data-sharded indices XLA sums the per-device partial
 histograms itself, and inside `shard_map` pass `axis_name` to psum them.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 _LOG_EPS = 1e-10
 
@@ -46,8 +47,12 @@ def code_counts(indices, codebook_size: int, *, mask=None, axis_name=None):
   if mask is not None:
     weights = weights * jnp.asarray(mask).reshape(n, 1).astype(jnp.int32)
   segments = idx + jnp.arange(groups, dtype=jnp.int32)[None, :] * codebook_size
-  counts = jax.ops.segment_sum(weights.reshape(-1), segments.reshape(-1),
-                               num_segments=groups * codebook_size)
+  # Under an explicit-axes mesh the scatter needs its output sharding spelled
+  # out: replicated, so XLA adds the per-device partial histograms.
+  mesh = jax.sharding.get_abstract_mesh()
+  replicated = {"out_sharding": P()} if mesh.axis_names else {}
+  counts = jnp.zeros((groups * codebook_size,), jnp.int32).at[segments.reshape(-1)].add(
+      weights.reshape(-1), **replicated)
   counts = counts.reshape(groups, codebook_size)
   if axis_name is not None:
     counts = jax.lax.psum(counts, axis_name)
