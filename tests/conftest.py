@@ -11,6 +11,9 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# numpy/scipy (eigh in the Frechet tests) and XLA both start a thread per core;
+# one BLAS thread avoids oversubscribing small CI machines.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pathlib  # noqa: E402
 
