@@ -1,0 +1,19 @@
+"""Tokenizer networks: encoder -> quantizer -> decoder (channels-last NHWC).
+
+Read in this order: `layers.py` (blocks and init), `encoder.py`, `decoder.py`,
+then `tokenizer.py` (the assembled model, its config block and checks).
+"""
+
+from gsq_jax.models.decoder import Decoder
+from gsq_jax.models.encoder import Encoder
+from gsq_jax.models.tokenizer import Tokenizer
+from gsq_jax.models.tokenizer import build_tokenizer
+from gsq_jax.models.tokenizer import default_model_config
+from gsq_jax.models.tokenizer import parameter_counts
+from gsq_jax.models.tokenizer import parameter_counts_from_config
+from gsq_jax.models.tokenizer import validate_model_config
+
+__all__ = [
+    "Decoder", "Encoder", "Tokenizer", "build_tokenizer", "default_model_config",
+    "parameter_counts", "parameter_counts_from_config", "validate_model_config",
+]
