@@ -45,10 +45,9 @@ class Decoder(nnx.Module):
       dtype: layers.Dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    """Builds the decoder.
+    """Builds the decoder; arguments as `Encoder`, except:
 
     Args:
-      hidden_channels: channels of the outermost level (128 in the paper).
       channel_multipliers: per-level multipliers cm, in encoder order.
       layer_configs: len(cm) + 1 ResBlock counts in encoder level order; the
         last entry is the number of mid blocks.
@@ -56,15 +55,8 @@ class Decoder(nnx.Module):
       use_adaptive_norm: AdaptiveGroupNorm after the mid blocks and each upsample.
       use_depth_to_space: upsample with Conv(C -> 4C) + depth-to-space instead
         of nearest-neighbour + conv.
-      mid_block_attn: put an AttentionBlock between consecutive mid ResBlocks.
-      dropout: dropout rate inside the ResBlocks.
-      dtype: compute dtype (parameters stay float32).
-      rngs: parameter RNGs.
     """
-    if len(layer_configs) != len(channel_multipliers) + 1:
-      raise ValueError(
-          f"Decoder: `layer_configs` needs len(channel_multipliers) + 1 = "
-          f"{len(channel_multipliers) + 1} entries, got {len(layer_configs)}")
+    layers.check_layer_configs("Decoder", layer_configs, channel_multipliers)
     self.dtype = dtype
     upsample = layers.DepthToSpaceUpsample if use_depth_to_space else layers.NearestUpsample
 

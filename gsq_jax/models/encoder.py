@@ -51,10 +51,7 @@ class Encoder(nnx.Module):
       dtype: compute dtype (parameters stay float32).
       rngs: parameter RNGs.
     """
-    if len(layer_configs) != len(channel_multipliers) + 1:
-      raise ValueError(
-          f"Encoder: `layer_configs` needs len(channel_multipliers) + 1 = "
-          f"{len(channel_multipliers) + 1} entries, got {len(layer_configs)}")
+    layers.check_layer_configs("Encoder", layer_configs, channel_multipliers)
     self.dtype = dtype
     self.conv_in = layers.conv(3, hidden_channels, 3, dtype=dtype, rngs=rngs)
     blocks = []

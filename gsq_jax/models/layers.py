@@ -14,7 +14,7 @@ The layer list and the initialisation follow the authors' PyTorch code
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +113,15 @@ def group_norm(channels: int, *, epsilon: float = 1e-5, affine: bool = True,
 # ---------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------
+
+
+def check_layer_configs(owner: str, layer_configs: Sequence[int],
+                        channel_multipliers: Sequence[int]) -> None:
+  """One ResBlock count per level plus one for the mid blocks."""
+  if len(layer_configs) != len(channel_multipliers) + 1:
+    raise ValueError(
+        f"{owner}: `layer_configs` needs len(channel_multipliers) + 1 = "
+        f"{len(channel_multipliers) + 1} entries, got {len(layer_configs)}")
 
 
 class ResBlock(nnx.Module):
