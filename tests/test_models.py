@@ -151,6 +151,7 @@ def test_attention_block_matches_numpy():
     ((1, 1, 2, 2), dict(mid_block_attn=True, use_depth_to_space=False,
                         use_adaptive_norm=False)),  # f = 8, attention, nearest upsampling
     ((1, 1, 1, 2, 2), {}),  # f = 16
+    ((1, 1, 1, 1, 2, 2), {}),  # f = 32: a 1 x 2 latent
 ])
 def test_encoder_decoder_shapes(cm, options):
   cfg = tiny_config(cm, **options)
