@@ -30,6 +30,7 @@ EXTRAS_REQUIRE = {
     # Everything the test suite needs on a fresh Python 3.11 machine.
     "test": [
         "pytest>=8",
+        "tensorboardX",
         "nbclient>=0.10",
         "nbformat>=5",
         "ipykernel>=6",
