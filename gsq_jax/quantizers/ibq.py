@@ -116,23 +116,35 @@ def ibq_quantize(z, codebook, *, beta: float = 0.25, entropy_temperature: float 
             ("sq_zq_z", "sq_sgcode_z", "sq_code_sgz", "max_prob", "sample_entropy")}
     (sums, q_sum), (z_q, idx) = jax.lax.scan(step, (zero, jnp.zeros((v,), flat.dtype)), (zs, valid))
 
-  elements = n * d
+  quant_loss, aux = assemble_losses(
+      sums, tokens=n, dim=d, avg_entropy=avg_probs_entropy(q_sum / n), beta=beta,
+      beta_placement=beta_placement, sample_entropy_weight=sample_entropy_weight,
+      batch_entropy_weight=batch_entropy_weight)
+  quantized = z_q.reshape(-1, d)[:n].reshape(z.shape)
+  indices = idx.reshape(-1)[:n].reshape(z.shape[:-1])
+  return base.QuantizerOutput(quantized=quantized, indices=indices, loss=quant_loss, aux=aux)
+
+
+def avg_probs_entropy(avg_probs):
+  """-sum_v pbar log(pbar + eps) over the codes given (eps matters: pbar ~ 1/V)."""
+  return -jnp.sum(avg_probs * jnp.log(avg_probs + _ENTROPY_EPS))
+
+
+def assemble_losses(sums, *, tokens, dim, avg_entropy, beta, beta_placement,
+                    sample_entropy_weight, batch_entropy_weight):
+  """quant_loss and the aux dict from the chunk sums over all `tokens` (shared with sharded IBQ)."""
+  elements = tokens * dim
   to_latent = sums["sq_sgcode_z"] / elements   # mse(sg(z_q2), z): commitment
   to_code = sums["sq_code_sgz"] / elements     # mse(z_q2, sg(z)): codebook
   if beta_placement == "codebook":
     quant_loss = sums["sq_zq_z"] / elements + to_latent + beta * to_code
   else:
     quant_loss = sums["sq_zq_z"] / elements + to_code + beta * to_latent
-  sample_entropy = sums["sample_entropy"] / n
-  avg_probs = q_sum / n
-  avg_entropy = -jnp.sum(avg_probs * jnp.log(avg_probs + _ENTROPY_EPS))
+  sample_entropy = sums["sample_entropy"] / tokens
   entropy_loss = sample_entropy_weight * sample_entropy - batch_entropy_weight * avg_entropy
-
-  quantized = z_q.reshape(-1, d)[:n].reshape(z.shape)
-  indices = idx.reshape(-1)[:n].reshape(z.shape[:-1])
   aux = {"quant_loss": quant_loss, "sample_entropy": sample_entropy, "avg_entropy": avg_entropy,
-         "entropy_loss": entropy_loss, "mean_max_prob": sums["max_prob"] / n}
-  return base.QuantizerOutput(quantized=quantized, indices=indices, loss=quant_loss, aux=aux)
+         "entropy_loss": entropy_loss, "mean_max_prob": sums["max_prob"] / tokens}
+  return quant_loss, aux
 
 
 def ibq_indices(z, codebook, **search_kwargs):

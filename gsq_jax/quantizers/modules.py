@@ -11,10 +11,16 @@ quantizer by name:
 Non-grouped quantizers report G = 1 and add that trailing group axis to their
 indices. `out.loss` is what the model adds to its objective: for IBQ and LFQ
 it already includes the configured entropy weight.
+
+GSQ, VQ and IBQ take `vocab_axis` (a mesh axis name) to split the codebook
+over devices (sharded.py), and `data_axis` (the mesh axis or axes the batch
+is split along); the codebook Param then carries the sharding (vocab_axis,
+None), applied at construction when built under `jax.set_mesh(mesh)`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -27,6 +33,7 @@ from gsq_jax.quantizers import base
 from gsq_jax.quantizers import fsq
 from gsq_jax.quantizers import ibq
 from gsq_jax.quantizers import lfq
+from gsq_jax.quantizers import sharded
 from gsq_jax.quantizers import vector
 
 
@@ -52,10 +59,22 @@ CODEBOOK_INITS: dict[str, Callable[..., jax.Array]] = {
     "spherical": spherical_init, "uniform": uniform_init, "normal": normal_init}
 
 
-def _codebook(init: str, rngs: nnx.Rngs, shape) -> nnx.Param:
+def _codebook(init: str, rngs: nnx.Rngs, shape, vocab_axis: str | None = None) -> nnx.Param:
   if init not in CODEBOOK_INITS:
     raise ValueError(f"quantizer.init must be one of {sorted(CODEBOOK_INITS)}, got {init!r}")
-  return nnx.Param(CODEBOOK_INITS[init](rngs.params(), shape))
+  value = CODEBOOK_INITS[init](rngs.params(), shape)
+  if vocab_axis is None:
+    return nnx.Param(value)
+  # Shard now if the mesh is set; otherwise keep the annotation for the trainer.
+  eager = vocab_axis in jax.sharding.get_abstract_mesh().axis_names
+  return nnx.Param(value, out_sharding=(vocab_axis, None), eager_sharding=eager)
+
+
+def _pick(unsharded: Callable, vocab_sharded: Callable, vocab_axis, data_axis) -> Callable:
+  """The quantizer function, or its vocabulary-sharded twin when `vocab_axis` is set."""
+  if vocab_axis is None:
+    return unsharded
+  return functools.partial(vocab_sharded, vocab_axis=vocab_axis, data_axis=data_axis)
 
 
 def _with_group_axis(out: base.QuantizerOutput) -> base.QuantizerOutput:
@@ -68,7 +87,7 @@ class GroupedSphericalQuantizer(nnx.Module):
   def __init__(self, *, latent_dim: int, num_groups: int, codebook_size: int, rngs: nnx.Rngs,
                l2_normalize: bool = True, init: str = "spherical", commitment_weight: float = 0.25,
                tie_break: str = "first", distance_dtype: str = "float32",
-               tile_size: int | None = None):
+               tile_size: int | None = None, vocab_axis: str | None = None, data_axis=None):
     base.require(latent_dim % num_groups == 0, "GroupedSphericalQuantizer",
                  f"latent_dim D = {latent_dim} must be divisible by num_groups G = {num_groups}")
     base.require(codebook_size >= 2, "GroupedSphericalQuantizer",
@@ -76,16 +95,21 @@ class GroupedSphericalQuantizer(nnx.Module):
     self.latent_dim, self.num_groups, self.codebook_size = latent_dim, num_groups, codebook_size
     self.l2_normalize, self.commitment_weight = l2_normalize, commitment_weight
     self.tie_break, self.distance_dtype, self.tile_size = tie_break, distance_dtype, tile_size
-    self.codebook = _codebook(init, rngs, (codebook_size, latent_dim // num_groups))
+    self.vocab_axis, self.data_axis = vocab_axis, sharded.as_axes(data_axis)
+    self.codebook = _codebook(init, rngs, (codebook_size, latent_dim // num_groups), vocab_axis)
 
   def __call__(self, z, *, rng=None) -> base.QuantizerOutput:
-    return vector.gsq_quantize(
+    quantize = _pick(vector.gsq_quantize, sharded.sharded_gsq_quantize, self.vocab_axis,
+                     self.data_axis)
+    return quantize(
         z, self.codebook[...], num_groups=self.num_groups, l2_normalize=self.l2_normalize,
         commitment_weight=self.commitment_weight, tie_break=self.tie_break, rng=rng,
         distance_dtype=jnp.dtype(self.distance_dtype), tile_size=self.tile_size)
 
   def decode_indices(self, indices):
-    return vector.codes_from_indices(self.codebook[...], indices)
+    decode = _pick(vector.codes_from_indices, sharded.sharded_codes_from_indices, self.vocab_axis,
+                   self.data_axis)
+    return decode(self.codebook[...], indices)
 
 
 class VectorQuantizer(nnx.Module):
@@ -94,21 +118,27 @@ class VectorQuantizer(nnx.Module):
   def __init__(self, *, latent_dim: int, codebook_size: int, rngs: nnx.Rngs,
                l2_normalize: bool = False, init: str = "uniform", beta: float = 0.25,
                beta_placement: str = "codebook", tie_break: str = "first",
-               distance_dtype: str = "float32", tile_size: int | None = None):
+               distance_dtype: str = "float32", tile_size: int | None = None,
+               vocab_axis: str | None = None, data_axis=None):
     base.require(codebook_size >= 2, "VectorQuantizer", f"codebook_size V must be >= 2, got {codebook_size}")
     self.latent_dim, self.num_groups, self.codebook_size = latent_dim, 1, codebook_size
     self.l2_normalize, self.beta, self.beta_placement = l2_normalize, beta, beta_placement
     self.tie_break, self.distance_dtype, self.tile_size = tie_break, distance_dtype, tile_size
-    self.codebook = _codebook(init, rngs, (codebook_size, latent_dim))
+    self.vocab_axis, self.data_axis = vocab_axis, sharded.as_axes(data_axis)
+    self.codebook = _codebook(init, rngs, (codebook_size, latent_dim), vocab_axis)
 
   def __call__(self, z, *, rng=None) -> base.QuantizerOutput:
-    return _with_group_axis(vector.vq_quantize(
+    quantize = _pick(vector.vq_quantize, sharded.sharded_vq_quantize, self.vocab_axis,
+                     self.data_axis)
+    return _with_group_axis(quantize(
         z, self.codebook[...], l2_normalize=self.l2_normalize, beta=self.beta,
         beta_placement=self.beta_placement, tie_break=self.tie_break, rng=rng,
         distance_dtype=jnp.dtype(self.distance_dtype), tile_size=self.tile_size))
 
   def decode_indices(self, indices):
-    return vector.codes_from_indices(self.codebook[...], indices)
+    decode = _pick(vector.codes_from_indices, sharded.sharded_codes_from_indices, self.vocab_axis,
+                   self.data_axis)
+    return decode(self.codebook[...], indices)
 
 
 class IndexBackpropQuantizer(nnx.Module):
@@ -118,7 +148,7 @@ class IndexBackpropQuantizer(nnx.Module):
                init: str = "normal", beta: float = 0.25, beta_placement: str = "codebook",
                entropy_temperature: float = 0.01, sample_entropy_weight: float = 1.0,
                batch_entropy_weight: float = 1.0, entropy_loss_weight: float = 0.05,
-               chunk_size: int | None = None):
+               chunk_size: int | None = None, vocab_axis: str | None = None, data_axis=None):
     base.require(codebook_size >= 2, "IndexBackpropQuantizer", f"codebook_size V must be >= 2, got {codebook_size}")
     self.latent_dim, self.num_groups, self.codebook_size = latent_dim, 1, codebook_size
     self.options = dict(beta=beta, beta_placement=beta_placement,
@@ -126,16 +156,21 @@ class IndexBackpropQuantizer(nnx.Module):
                         sample_entropy_weight=sample_entropy_weight,
                         batch_entropy_weight=batch_entropy_weight, chunk_size=chunk_size)
     self.entropy_loss_weight = entropy_loss_weight
-    self.codebook = _codebook(init, rngs, (codebook_size, latent_dim))
+    self.vocab_axis, self.data_axis = vocab_axis, sharded.as_axes(data_axis)
+    self.codebook = _codebook(init, rngs, (codebook_size, latent_dim), vocab_axis)
 
   def __call__(self, z, *, rng=None) -> base.QuantizerOutput:
     del rng  # IBQ's argmax is deterministic.
-    out = ibq.ibq_quantize(z, self.codebook[...], **self.options)
+    quantize = _pick(ibq.ibq_quantize, sharded.sharded_ibq_quantize, self.vocab_axis,
+                     self.data_axis)
+    out = quantize(z, self.codebook[...], **self.options)
     loss = out.loss + self.entropy_loss_weight * out.aux["entropy_loss"]
     return _with_group_axis(out.replace(loss=loss))
 
   def decode_indices(self, indices):
-    return vector.codes_from_indices(self.codebook[...], indices)
+    decode = _pick(vector.codes_from_indices, sharded.sharded_codes_from_indices, self.vocab_axis,
+                   self.data_axis)
+    return decode(self.codebook[...], indices)
 
 
 class FiniteScalarQuantizer(nnx.Module):
@@ -177,12 +212,13 @@ class LookupFreeQuantizer(nnx.Module):
 # Quantizer-specific defaults; D, G and V come from the model block.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "gsq": dict(l2_normalize=True, init="spherical", commitment_weight=0.25, tie_break="first",
-                distance_dtype="float32", tile_size=None),
+                distance_dtype="float32", tile_size=None, vocab_axis=None, data_axis=None),
     "vq": dict(l2_normalize=False, init="uniform", beta=0.25, beta_placement="codebook",
-               tie_break="first", distance_dtype="float32", tile_size=None),
+               tie_break="first", distance_dtype="float32", tile_size=None, vocab_axis=None,
+               data_axis=None),
     "ibq": dict(init="normal", beta=0.25, beta_placement="codebook", entropy_temperature=0.01,
                 sample_entropy_weight=1.0, batch_entropy_weight=1.0, entropy_loss_weight=0.05,
-                chunk_size=None),
+                chunk_size=None, vocab_axis=None, data_axis=None),
     "fsq": dict(levels=(8, 5, 5, 5), variant="paper"),
     "lfq": dict(variant="paper", codebook_value=None, commitment_weight=0.25, entropy_weight=0.1,
                 entropy_temperature=0.01, sample_entropy_weight=1.0, batch_entropy_weight=1.0,

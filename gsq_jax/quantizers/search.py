@@ -141,7 +141,7 @@ def _search_rows(x, codes_t, codes_sq_t, seeds, *, num_codes, metric, distance_d
 
 def search_best(x, codes, *, metric: Metric = "l2", tie_break: TieBreak = "first", rng=None,
                 tile_size: int | None = None, row_chunk: int | None = None,
-                distance_dtype=jnp.float32, index_offset=0):
+                distance_dtype=jnp.float32, index_offset=0, row_seeds=None):
   """Best code per row as (value, index, tie priority), without an N x V buffer.
 
   This is the building block of `nearest_code`; it is exposed so that a
@@ -161,6 +161,9 @@ def search_best(x, codes, *, metric: Metric = "l2", tie_break: TieBreak = "first
     distance_dtype: float32, or bfloat16 to round the inner products as torch
       autocast does (more exact ties, as in the reference's bf16 training).
     index_offset: added to the returned indices (for codebook shards).
+    row_seeds: (N,) uint32 tie-break seeds, instead of drawing them from
+      `rng`; lets a caller that splits the rows (data-sharded tokens) use the
+      seeds of the whole batch, so its random choices equal the unsplit call's.
 
   Returns:
     (value, index int32, priority uint32), each of shape (N,). For "dot" the
@@ -174,7 +177,7 @@ def search_best(x, codes, *, metric: Metric = "l2", tie_break: TieBreak = "first
     raise ValueError(f"search_best: `tie_break` must be 'first' or 'random', got {tie_break!r}")
   if metric not in ("l2", "dot"):
     raise ValueError(f"search_best: `metric` must be 'l2' or 'dot', got {metric!r}")
-  if tie_break == "random" and rng is None:
+  if tie_break == "random" and rng is None and row_seeds is None:
     raise ValueError("search_best: tie_break='random' needs `rng` (a jax.random key)")
   tile_size = max(1, min(v, tile_size or _TILE))
   row_chunk = max(1, min(n, row_chunk or min(2048, max(8, _GATHER_ELEMENTS // (tile_size * x.shape[1])))))
@@ -187,7 +190,9 @@ def search_best(x, codes, *, metric: Metric = "l2", tie_break: TieBreak = "first
   pad = num_chunks * row_chunk - n
   xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(num_chunks, row_chunk, -1)
   if tie_break == "random":
-    seeds = jax.random.bits(rng, (num_chunks * row_chunk,), jnp.uint32).reshape(num_chunks, row_chunk)
+    if row_seeds is None:
+      row_seeds = jax.random.bits(rng, (n,), jnp.uint32)
+    seeds = jnp.pad(jnp.asarray(row_seeds, jnp.uint32), (0, pad)).reshape(num_chunks, row_chunk)
   else:
     seeds = None
 
