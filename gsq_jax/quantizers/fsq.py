@@ -17,6 +17,7 @@ rounding is half-to-even with a straight-through gradient, and the loss is 0.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, Sequence
 
@@ -51,6 +52,11 @@ def round_ste(x):
 
 def fsq_quantize(z, levels: Sequence[int], *, variant: Variant = "paper") -> base.QuantizerOutput:
   """Quantises each channel of z (..., len(levels)) to its own number of levels."""
+  return _fsq_quantize(z, tuple(int(l) for l in np.asarray(levels).reshape(-1)), variant)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fsq_quantize(z, levels: tuple[int, ...], variant: Variant) -> base.QuantizerOutput:
   fn = "fsq_quantize"
   lv = _levels(fn, levels)
   base.check_latent(fn, z, last_dim=lv.size)

@@ -24,6 +24,7 @@ one-hot product in value and in both gradients without the dense H @ C.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -61,6 +62,9 @@ def _chunk_terms(z_c, valid, codebook, inv_temperature):
   return z_q, idx, sums, q_sum
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "beta", "entropy_temperature", "sample_entropy_weight", "batch_entropy_weight",
+    "beta_placement", "chunk_size"))
 def ibq_quantize(z, codebook, *, beta: float = 0.25, entropy_temperature: float = 0.01,
                  sample_entropy_weight: float = 1.0, batch_entropy_weight: float = 1.0,
                  beta_placement: Literal["codebook", "commitment"] = "codebook",

@@ -28,6 +28,7 @@ per tile), rematerialised in the backward pass, so memory is O(N x tile).
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -74,6 +75,9 @@ def _codebook_entropy(log_p1, log_p0, tile_size: int | None):
   return jnp.sum(jax.lax.map(tile_entropy, jnp.arange(num_tiles)))
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "variant", "codebook_value", "commitment_weight", "entropy_weight", "entropy_temperature",
+    "sample_entropy_weight", "batch_entropy_weight", "use_norm", "code_tile"))
 def lfq_quantize(z, *, variant: Variant = "paper", codebook_value: float | None = None,
                  commitment_weight: float = 0.25, entropy_weight: float = 0.1,
                  entropy_temperature: float = 0.01, sample_entropy_weight: float = 1.0,

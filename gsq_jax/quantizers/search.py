@@ -139,6 +139,8 @@ def _search_rows(x, codes_t, codes_sq_t, seeds, *, num_codes, metric, distance_d
   return best, best_tile * tile_size + arg.astype(jnp.int32) + index_offset, jnp.zeros((rows,), jnp.uint32)
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "metric", "tie_break", "tile_size", "row_chunk", "distance_dtype"))
 def search_best(x, codes, *, metric: Metric = "l2", tie_break: TieBreak = "first", rng=None,
                 tile_size: int | None = None, row_chunk: int | None = None,
                 distance_dtype=jnp.float32, index_offset=0, row_seeds=None):

@@ -23,6 +23,8 @@ histograms itself, and inside `shard_map` pass `axis_name` to psum them.
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -92,6 +94,11 @@ def codebook_stats(indices, codebook_size: int, *, mask=None) -> dict[str, jax.A
   """Usage and perplexity of (..., G) indices into a codebook of `codebook_size`."""
   if codebook_size < 2:
     raise ValueError(f"codebook_stats: `codebook_size` must be >= 2, got {codebook_size}")
+  return _codebook_stats(jnp.asarray(indices), codebook_size, mask)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _codebook_stats(indices, codebook_size, mask):
   return stats_from_counts(code_counts(indices, codebook_size, mask=mask))
 
 

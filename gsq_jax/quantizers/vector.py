@@ -17,8 +17,10 @@ attaches, and where beta sits in the loss:
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 
 from gsq_jax.quantizers import base
@@ -62,6 +64,11 @@ def straight_through(latent, code):
   return latent + base.sg(code - latent)
 
 
+# Jitted with the settings static: one compiled program per configuration
+# (inlined when called inside a jitted step), instead of op-by-op dispatch.
+@functools.partial(jax.jit, static_argnames=(
+    "num_groups", "l2_normalize", "commitment_weight", "tie_break", "distance_dtype", "tile_size",
+    "row_chunk"))
 def gsq_quantize(z, codebook, *, num_groups: int, l2_normalize: bool = True,
                  commitment_weight: float = 0.25, tie_break: search.TieBreak = "first",
                  rng=None, distance_dtype=jnp.float32, tile_size: int | None = None,
@@ -106,6 +113,9 @@ def gsq_quantize(z, codebook, *, num_groups: int, l2_normalize: bool = True,
                               aux={"codebook_loss": to_code, "commitment_loss": to_latent})
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "l2_normalize", "beta", "beta_placement", "tie_break", "distance_dtype", "tile_size",
+    "row_chunk"))
 def vq_quantize(z, codebook, *, l2_normalize: bool = False, beta: float = 0.25,
                 beta_placement: BetaPlacement = "codebook", tie_break: search.TieBreak = "first",
                 rng=None, distance_dtype=jnp.float32, tile_size: int | None = None,
