@@ -219,7 +219,7 @@ def test_uniform_usage_expectation():
   assert analysis.uniform_usage_expectation(1, 1e12) == pytest.approx(1e-12, rel=1e-6)
   np.testing.assert_allclose(
       analysis.uniform_usage_expectation(np.array([0, 2**18]), 2**18), [0, 1 - np.exp(-1)])
-  with pytest.raises(ValueError, match="`tokens`"):
+  with pytest.raises(ValueError, match="`draws`"):
     analysis.uniform_usage_expectation(-1, 10)
   with pytest.raises(ValueError, match="`V`"):
     analysis.uniform_usage_expectation(10, 0)
@@ -230,8 +230,73 @@ def test_uniform_usage_expectation():
   assert "usage_uniform_expectation" not in df.columns
   frac = analysis.add_uniform_usage_expectation(df, percent=False, column="cov")
   assert frac["cov"].iloc[0] == pytest.approx(0.198, abs=5e-4)
-  with pytest.raises(ValueError, match="'T'"):
-    analysis.add_uniform_usage_expectation(df, tokens="T")
+  with pytest.raises(ValueError, match="`kind`"):
+    analysis.add_uniform_usage_expectation(df, kind="pooled")
+  with pytest.raises(ValueError, match="no `tokens` column"):
+    analysis.add_uniform_usage_expectation(df.drop(columns=["tokens"]), kind="group")
+
+
+def test_uniform_expectation_uses_lookups_for_shared_and_tokens_for_group_usage():
+  """Shared usage pools N·G indices (lookups); one group's usage sees N (tokens)."""
+  V, n = 2**18, 65_536
+  df = pd.DataFrame({"quantizer": "gsq", "f": 16, "D": 16, "G": [1, 4, 16], "V": V,
+                     "tokens": n, "usage": [20.0, 50.0, 90.0], "perplexity": 1000.0,
+                     "group_usage_mean": [20.0, 15.0, 10.0]})
+  shared = analysis.add_uniform_usage_expectation(df)["usage_uniform_expectation"]
+  np.testing.assert_allclose(shared, 100 * (1 - np.exp(-n * df["G"] / V)))
+  group = analysis.add_uniform_usage_expectation(df, kind="group")
+  np.testing.assert_allclose(group["group_usage_uniform_expectation"], 100 * (1 - np.exp(-n / V)))
+  # An explicit lookups column wins over tokens·G (eval.json writes both).
+  with_lookups = df.assign(lookups=[n, 2 * n, 3 * n])
+  np.testing.assert_allclose(analysis.usage_draws(with_lookups), [n, 2 * n, 3 * n])
+  # The paper's Table 13: lookups = 50k·(256/f)²·G, tokens = 50k·(256/f)².
+  groups = analysis.paper_table("groups")
+  assert (groups["lookups"] == groups["tokens"] * groups["G"]).all()
+  assert (groups["tokens"] == 50_000 * (256 // groups["f"]) ** 2).all()
+
+
+def test_usage_summary_reports_counts_expectation_and_entropy():
+  V = 2**18
+  df = pd.DataFrame({"quantizer": ["gsq", "ibq"], "f": 4, "D": 32, "G": [2, 1], "V": V,
+                     "tokens": [V // 4, V // 4], "lookups": [V // 2, V // 4],
+                     "usage": [30.0, 11.0], "perplexity": [2.0**14, 2.0**10],
+                     "group_usage_mean": [20.0, 11.0]})
+  out = analysis.usage_summary(df)
+  np.testing.assert_allclose(out["draws_per_code"], [0.5, 0.25])
+  np.testing.assert_allclose(out["usage_uniform_expectation"],
+                             [100 * (1 - np.exp(-0.5)), 100 * (1 - np.exp(-0.25))])
+  np.testing.assert_allclose(out["usage_vs_uniform"], out["usage"] / out["usage_uniform_expectation"])
+  np.testing.assert_allclose(out["entropy_bits"], [14.0, 10.0])
+  np.testing.assert_allclose(out["max_entropy_bits"], [18.0, 18.0])
+  np.testing.assert_allclose(out["group_usage_uniform_expectation"], 100 * (1 - np.exp(-0.25)))
+  assert list(out["quantizer"]) == ["gsq", "ibq"]
+  # Published tables work too: IBQ's 84% at 2^18 was measured on 12.8M tokens.
+  ibq = analysis.usage_summary(analysis.paper_table("ibq_usage"))
+  row = ibq[ibq["V"] == V].iloc[0]
+  assert row["usage"] == 84 and row["tokens"] == 12_800_000
+  assert row["usage_uniform_expectation"] > 99.99 and row["usage_vs_uniform"] == pytest.approx(0.84)
+  with pytest.raises(ValueError, match="number of draws"):
+    analysis.usage_summary(df.drop(columns=["tokens", "lookups"]))
+  with pytest.raises(ValueError, match="'usage'"):
+    analysis.usage_summary(df.drop(columns=["usage"]))
+
+
+def test_load_table_from_sweep_root_and_run_workdirs(tmp_path):
+  root = tmp_path / "sweep"
+  (root / "tables").mkdir(parents=True)
+  df = _user_table().head(3).assign(run=["a", "b", "c"])
+  df["workdir"] = ["/nonexistent/a", str(tmp_path / "elsewhere" / "b"), ""]
+  df.to_csv(root / "tables" / "demo_tiny.csv", index=False)
+  loaded = analysis.load_table(root)  # the sweep root, as gsq-collect's default --out
+  assert len(loaded) == 3
+  for name in ("a", "c"):  # moved sweep: found next to the table
+    (root / name).mkdir()
+    (root / name / "metrics.jsonl").write_text('{"step": 0}\n')
+  (tmp_path / "elsewhere" / "b").mkdir(parents=True)
+  (tmp_path / "elsewhere" / "b" / "metrics.jsonl").write_text('{"step": 0}\n')
+  found = analysis.run_workdirs(loaded, root / "tables" / "demo_tiny.csv")
+  assert found == {"a": root / "a", "b": tmp_path / "elsewhere" / "b", "c": root / "c"}
+  assert analysis.run_workdirs(loaded) == {"b": tmp_path / "elsewhere" / "b"}
 
 
 # ----------------------------------------------------------------------------- paper data
@@ -263,7 +328,8 @@ def test_paper_tables_spot_checks():
   assert _cell(main, "usage", f=32, D=32, G=32) == 0.54  # README fix
   assert _cell(main, "rfid", f=16, D=16, G=1) == 1.63  # v2 / README
   assert _cell(main, "d", f=32, D=32, G=8) == 4
-  assert _cell(main, "tokens", f=16, D=16, G=4) == 50_000 * 256 * 4
+  assert _cell(main, "lookups", f=16, D=16, G=4) == 50_000 * 256 * 4
+  assert _cell(main, "tokens", f=16, D=16, G=4) == 50_000 * 256
   assert _cell(groups, "usage", variant="clip") == 0.526
   ibq = analysis.paper_table("ibq_usage")
   assert _cell(ibq, "usage", V=262144) == 84 and _cell(ibq, "rfid", V=16384) == 1.37
@@ -334,27 +400,94 @@ def test_plot_groups_and_spatial(tmp_path):
 
 
 def test_plot_training_curves(tmp_path):
+  """The trainer's usage report keys (gsq_jax.steps.usage_report) as metrics.jsonl holds them."""
   runs = {}
   for name, scale in (("gsq", 1.0), ("ibq", 0.5)):
     workdir = tmp_path / name
     workdir.mkdir()
-    lines = [json.dumps({"step": s, "train/usage": scale * min(100, s), "train/perplexity":
-                         10 + s * scale, "train/loss": 1.0 / (s + 1)}) for s in range(0, 200, 20)]
-    lines.insert(3, json.dumps({"step": 50, "eval/psnr": 20.0}))  # other records interleave
-    lines.append('{"step": 200, "train/us')  # torn last line of a running job
+    lines = [json.dumps({"step": s, "usage": scale * min(100, s), "perplexity": 2.0 ** (s / 20),
+                         "tokens": 512.0, "uniform_usage": 1.9, "g_loss": 1.0 / (s + 1)})
+             for s in range(20, 220, 20)]
+    lines.insert(3, json.dumps({"step": 50, "eval_psnr": 20.0}))  # other records interleave
+    lines.insert(0, json.dumps({"step": 0, "D": 32, "V": 2**18}))  # the first line: symbols
+    lines.append('{"step": 200, "us')  # torn last line of a running job
     (workdir / "metrics.jsonl").write_text("\n".join(lines))
     runs[name] = workdir
   metrics = analysis.read_metrics(runs["gsq"])
-  assert list(metrics["step"]) == sorted(metrics["step"]) and len(metrics) == 11
+  assert list(metrics["step"]) == sorted(metrics["step"]) and len(metrics) == 12
+  logged = metrics.dropna(subset=["perplexity"])
+  np.testing.assert_allclose(logged["entropy_bits"], logged["step"] / 20)  # log2(perplexity)
   fig = analysis.plot_training_curves(
-      runs, paper={"train/usage": {"IBQ V=2^18": 84.0}}, save=tmp_path / "curves.png")
-  assert len(fig.axes) == 2
-  assert set(_labels(fig, 0)) == {"gsq", "ibq", "paper IBQ V=2^18"}
+      runs, paper={"usage": {"IBQ V=2^18": 84.0}}, save=tmp_path / "curves.png")
+  assert len(fig.axes) == 3  # usage, perplexity, entropy_bits
+  assert set(_labels(fig, 0)) == {"gsq", "ibq", "gsq uniform_usage", "ibq uniform_usage",
+                                  "paper IBQ V=2^18"}
   assert set(_labels(fig, 1)) == {"gsq", "ibq"}
+  assert fig.axes[1].get_yscale() == "log" and fig.axes[2].get_yscale() == "linear"
   usage_line = fig.axes[0].get_lines()[0]
   assert usage_line.get_xdata().size == 10
+  np.testing.assert_allclose(fig.axes[2].get_lines()[0].get_ydata(), np.arange(1, 11))
   _assert_png(tmp_path / "curves.png")
-  with pytest.raises(ValueError, match="train/entropy"):
-    analysis.plot_training_curves(runs, metrics=["train/entropy"])
+  fig = analysis.plot_training_curves(runs, metrics=["usage"], reference={})
+  assert set(_labels(fig, 0)) == {"gsq", "ibq"}
+  with pytest.raises(ValueError, match="entropy"):
+    analysis.plot_training_curves(runs, metrics=["entropy"])
   with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
     analysis.read_metrics(tmp_path)
+
+
+def test_finished_runs_pick_metric_and_labels():
+  df = _user_table().head(4).assign(status=["done", "failed", "done", "running"],
+                                    run=["a", "b", "c", "d"])
+  assert list(analysis.finished_runs(df)["run"]) == ["a", "c"]
+  assert len(analysis.finished_runs(df.drop(columns=["status"]))) == 4
+  assert analysis.pick_metric(df, "fd_vgg16", ("psnr",)) == "fd_vgg16"
+  # rfid is all NaN: the best-covered fallback wins, the earlier one on ties.
+  partial = df.assign(lpips_vgg=[0.3, np.nan, np.nan, np.nan])
+  assert analysis.pick_metric(partial, "rfid", ("lpips_vgg", "psnr", "ssim")) == "psnr"
+  assert analysis.pick_metric(partial, "kid", ("lpips_vgg",)) == "lpips_vgg"
+  with pytest.raises(ValueError, match="none of"):
+    analysis.pick_metric(df, "rfid", ("kid",))
+  row = {"quantizer": "gsq", "f": 16, "D": 16, "G": 4, "V": 2**18, "source": "paper"}
+  assert analysis.run_label(row) == "paper gsq f16 D16 G4 V256k"
+  assert analysis.run_label({"quantizer": "ibq", "f": 8, "D": 32, "G": 1, "V": 1000}) == (
+      "ibq f8 D32 V1000")
+  # Rows 0 and 1 differ only in the seed: the run name tells them apart.
+  assert analysis.run_labels(df.head(3)) == ["gsq f8 D8 G1 V1k a", "gsq f8 D8 G1 V1k b",
+                                             "gsq f8 D8 G1 V4k"]
+
+
+def test_power_law_skip_small_groups():
+  df = pd.DataFrame({"f": [4, 4, 4, 8, 16, 16], "D": [4, 8, 16, 8, 8, 8],
+                     "m": [4.0, 2.0, 1.0, 3.0, 1.0, 2.0]})
+  fits = analysis.fit_power_law(df, "D", "m", by="f", skip_small=True)
+  assert list(fits) == [4] and fits[4].b == pytest.approx(-1.0)
+  assert set(fits.skipped) == {8, 16}
+  assert "2 rows" in fits.skipped[8] and "distinct `D`" in fits.skipped[16]
+  with pytest.raises(ValueError, match="at least 2 rows"):
+    analysis.fit_power_law(df, "D", "m", by="f")
+  # Exactly as many rows as parameters: the curve interpolates, intervals are undefined.
+  two = analysis.fit_power_law(df[df["f"] == 4].head(2), "D", "m")[None]
+  assert two.b == pytest.approx(-1.0) and np.isnan(two.interval("b")).all()
+
+
+def test_plot_usage(tmp_path):
+  runs = pd.DataFrame({"quantizer": ["gsq", "ibq"], "f": 8, "D": 32, "G": 1, "V": 2**18,
+                       "tokens": 2**16, "lookups": 2**16, "usage": [20.0, 9.0],
+                       "perplexity": [2.0**15, 2.0**12], "run": ["g", "i"]})
+  table = pd.concat([analysis.usage_summary(runs.assign(source="run")),
+                     analysis.usage_summary(analysis.paper_table("ibq_usage").tail(1))],
+                    ignore_index=True)
+  fig = analysis.plot_usage(table, save=tmp_path / "usage.png")
+  _assert_png(tmp_path / "usage.png")
+  usage_ax, entropy_ax = fig.axes
+  assert [p.get_height() for p in usage_ax.patches] == [20.0, 9.0, 84.0]
+  assert usage_ax.patches[2].get_hatch() == "//" and usage_ax.patches[0].get_hatch() is None
+  ticks = [t.get_text() for t in usage_ax.get_xticklabels()]
+  assert ticks[0] == "gsq f8 D32 G1 V256k\nT=65.5k" and ticks[2].startswith("paper ibq")
+  expected = usage_ax.collections[0].get_offsets()[:, 1]
+  np.testing.assert_allclose(expected[:2], 100 * (1 - np.exp(-0.25)))
+  # IBQ published no perplexity: its entropy bar is NaN (not drawn), the maximum still is.
+  assert [p.get_height() for p in entropy_ax.patches][:2] == [15.0, 12.0]
+  with pytest.raises(ValueError, match="non-empty"):
+    analysis.plot_usage(table.iloc[:0])

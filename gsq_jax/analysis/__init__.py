@@ -8,6 +8,8 @@ Typical notebook use:
   print(fit.summary())
   analysis.plot_dim_vocab(df, fit=[fit, analysis.paper_dim_vocab_law()], save="fig4.png")
 
+Notebooks using it: analysis/*.ipynb (see analysis/README.md).
+
 Tables and fits need pandas and scipy; the plot helpers also need matplotlib,
 which is imported only when one of them is first used.
 """
@@ -27,11 +29,19 @@ from gsq_jax.analysis.paper import paper_table_info
 from gsq_jax.analysis.paper import paper_table_names
 from gsq_jax.analysis.tables import add_uniform_usage_expectation
 from gsq_jax.analysis.tables import coerce_numeric
+from gsq_jax.analysis.tables import finished_runs
 from gsq_jax.analysis.tables import load_table
+from gsq_jax.analysis.tables import pick_metric
+from gsq_jax.analysis.tables import run_label
+from gsq_jax.analysis.tables import run_labels
+from gsq_jax.analysis.tables import run_workdirs
 from gsq_jax.analysis.tables import uniform_usage_expectation
+from gsq_jax.analysis.tables import usage_draws
+from gsq_jax.analysis.usage import entropy_bits
+from gsq_jax.analysis.usage import usage_summary
 
 _PLOTS = ("plot_dim_vocab", "plot_groups", "plot_scaling", "plot_spatial",
-          "plot_training_curves", "read_metrics")
+          "plot_training_curves", "plot_usage", "read_metrics")
 
 
 def __getattr__(name: str):

@@ -240,11 +240,17 @@ class FixedLaw:
 
 class FitGroups(dict):
   """Per-group fits: {group key: FitResult}. The key is the value of the single
-  `by` column, a tuple for several columns, or None without `by`."""
+  `by` column, a tuple for several columns, or None without `by`.
 
-  def __init__(self, fits: Mapping[Any, FitResult], by: tuple[str, ...]):
+  `skipped` maps the keys of groups left out (fit_power_law(skip_small=True))
+  to the reason.
+  """
+
+  def __init__(self, fits: Mapping[Any, FitResult], by: tuple[str, ...],
+               skipped: Mapping[Any, str] | None = None):
     super().__init__(fits)
     self.by = by
+    self.skipped = dict(skipped or {})
 
   def table(self) -> pd.DataFrame:
     """One row per group: keys, n, R², RMSE and each parameter with its CI."""
@@ -437,6 +443,7 @@ def fit_power_law(
     level: float = 0.95,
     bootstrap: int = 0,
     seed: int = 0,
+    skip_small: bool = False,
 ) -> FitGroups:
   """Fits y = a · x^b (+ c if `offset`) separately for each group of `by`.
 
@@ -449,10 +456,14 @@ def fit_power_law(
     level: confidence level of the intervals.
     bootstrap: residual-bootstrap refits per group (0 = none).
     seed: bootstrap RNG seed.
+    skip_small: leave out groups with too few rows or distinct `x` values
+      (listed with the reason in `.skipped`) instead of raising; for tables
+      where only some series are complete (e.g. a sweep still running).
 
   Returns:
     FitGroups {key: FitResult} (key None without `by`); `.table()` gives one
-    row per group with each parameter and its interval.
+    row per group with each parameter and its interval. With exactly as many
+    rows as parameters the curve interpolates them and the intervals are NaN.
   """
   fn = "fit_power_law"
   by_cols = () if by is None else ((by,) if isinstance(by, str) else tuple(by))
@@ -462,19 +473,24 @@ def fit_power_law(
     raise ValueError(f"{fn}: `by` column(s) {missing} not in the table; it has {list(df.columns)}")
   n_params = 3 if offset else 2
   groups = df.groupby(list(by_cols), sort=True, dropna=False) if by_cols else [(None, df)]
-  fits = {}
+  fits, skipped = {}, {}
   for key, part in groups:
     if by_cols and len(by_cols) == 1 and isinstance(key, tuple):
       key = key[0]
     (xv, yv), _ = _numeric_columns(part, [x, y], fn)
     keys = key if isinstance(key, tuple) else (key,)
     where = "" if key is None else f" for {dict(zip(by_cols, keys))}"
-    if xv.size < n_params:
-      raise ValueError(
-          f"{fn}: need at least {n_params} rows with `{x}` and `{y}`{where}, got {xv.size}")
     if np.any(xv <= 0):
       raise ValueError(f"{fn}: `{x}` must be > 0 for a power law{where}")
-    if np.unique(xv).size < 2:
-      raise ValueError(f"{fn}: need at least 2 distinct `{x}` values{where}")
+    problem = None
+    if xv.size < n_params:
+      problem = f"need at least {n_params} rows with `{x}` and `{y}`{where}, got {xv.size}"
+    elif np.unique(xv).size < 2:
+      problem = f"need at least 2 distinct `{x}` values{where}"
+    if problem and skip_small:
+      skipped[key] = problem
+      continue
+    if problem:
+      raise ValueError(f"{fn}: {problem}")
     fits[key] = _fit_power_law_arrays(xv, yv, offset, level, bootstrap, seed, x, y)
-  return FitGroups(fits, by_cols)
+  return FitGroups(fits, by_cols, skipped)

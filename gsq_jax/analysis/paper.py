@@ -73,7 +73,9 @@ def paper_table(name: str) -> pd.DataFrame:
   Returns:
     One row per published point with `source="paper"`, the grid keys
     (f, D, G, d = D/G, V where known) and metric columns named as in
-    eval.json (rfid, psnr, ssim, lpips_alex, usage [%], perplexity, ...).
+    eval.json (rfid, psnr, ssim, lpips_alex, usage [%], perplexity, tokens,
+    lookups, ...); tables with usage and counts also get
+    `usage_uniform_expectation` [%] for their number of lookups.
   """
   key = _resolve(name)
   raw = _raw()[key]
@@ -84,7 +86,12 @@ def paper_table(name: str) -> pd.DataFrame:
   if {"D", "G"} <= set(df.columns) and "d" not in df.columns:
     df["d"] = df["D"] / df["G"]
   df = tables.coerce_numeric(df.replace({None: np.nan}))
-  for col in ("f", "D", "G", "d", "V", "res", "steps", "tokens", "params", "tokens_per_image"):
+  if "lookups" in df.columns and "tokens" not in df.columns and "G" in df.columns:
+    df["tokens"] = df["lookups"] / df["G"]  # latent positions N (lookups = N·G)
+  if {"usage", "lookups", "V"} <= set(df.columns):
+    df = tables.add_uniform_usage_expectation(df)  # what the published usage can show
+  for col in ("f", "D", "G", "d", "V", "res", "steps", "tokens", "lookups", "params",
+              "tokens_per_image", "eval_images"):
     if col in df.columns and df[col].notna().all() and (df[col] % 1 == 0).all():
       df[col] = df[col].astype("int64")
   order = [c for c in _KEY_ORDER if c in df.columns]

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from gsq_jax.analysis import paper as paper_lib
+from gsq_jax.analysis import tables as tables_lib
+from gsq_jax.analysis import usage as usage_lib
 
 _FIT_STYLES = (":", "-.", (0, (5, 1, 1, 1, 1, 1)))
 
@@ -262,7 +264,10 @@ def plot_spatial(df: pd.DataFrame | None, metric: str = "rfid", *,
 def read_metrics(workdir: str | os.PathLike) -> pd.DataFrame:
   """A run's `metrics.jsonl` as a DataFrame sorted by step.
 
-  Blank lines and a torn last line (a run still writing) are skipped.
+  Blank lines and a torn last line (a run still writing) are skipped. The
+  trainer's usage report (gsq_jax.steps.usage_report: usage, perplexity,
+  tokens, uniform_usage, ... of the codes picked since the previous log step)
+  gets `entropy_bits` = log2(perplexity) added.
   """
   path = pathlib.Path(workdir)
   path = path if path.name == "metrics.jsonl" else path / "metrics.jsonl"
@@ -282,25 +287,41 @@ def read_metrics(workdir: str | os.PathLike) -> pd.DataFrame:
   df = pd.DataFrame.from_records(records)
   if "step" not in df.columns:
     raise ValueError(f"read_metrics: {path} has no 'step' field")
+  if "perplexity" in df.columns and "entropy_bits" not in df.columns:
+    with np.errstate(divide="ignore", invalid="ignore"):
+      df["entropy_bits"] = usage_lib.entropy_bits(pd.to_numeric(df["perplexity"],
+                                                                errors="coerce"))
   return df.sort_values("step", kind="stable").reset_index(drop=True)
 
 
 def plot_training_curves(
     runs: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike],
-    metrics: Sequence[str] = ("train/usage", "train/perplexity"),
+    metrics: Sequence[str] = ("usage", "perplexity", "entropy_bits"),
     *,
     paper: Mapping[str, Mapping[str, float]] | None = None,
-    logy: Sequence[str] = ("train/perplexity",),
+    reference: Mapping[str, str] | None = None,
+    logy: Sequence[str] = ("perplexity",),
     save: str | os.PathLike | None = None,
 ) -> matplotlib.figure.Figure:
   """Usage / perplexity / entropy over training, one panel per metric, one line per run.
 
+  The trainer logs the usage of the codes picked since the previous log step
+  (`log_every_steps` × batch × latent positions tokens), so each point's
+  uniform-usage expectation (`uniform_usage`, from that window's lookups) is
+  drawn next to it as a dotted line of the run's colour.
+
   Args:
     runs: {label: workdir} or workdirs (labelled by folder name).
-    metrics: metric names as logged in metrics.jsonl.
+    metrics: metric names as logged in metrics.jsonl (plus `entropy_bits`,
+      see `read_metrics`).
     paper: published reference values per metric, {metric: {label: value}},
       drawn as dashed horizontal lines labelled "paper <label>", e.g.
-      {"train/usage": {"IBQ V=2^18 (50k val.)": 84.0}}; mind the units.
+      {"usage": {"IBQ V=2^18 (50k val.)": 84.0}}; mind the units and the
+      sample size (a published number over 12.8M tokens is not comparable
+      with a window of a few thousand).
+    reference: {metric: column} drawn dotted per run and labelled
+      "<label> <column>"; default {"usage": "uniform_usage"}. Runs that did
+      not log the column are skipped.
     logy: metrics drawn on a log y axis.
     save: PNG path to write.
   """
@@ -312,6 +333,7 @@ def plot_training_curves(
     raise ValueError("plot_training_curves: `runs` is empty")
   if isinstance(metrics, str) or not metrics:
     raise ValueError("plot_training_curves: `metrics` must be a non-empty list of names")
+  reference = {"usage": "uniform_usage"} if reference is None else dict(reference)
   logs = {label: read_metrics(path) for label, path in items}
   fig = matplotlib.figure.Figure(figsize=(5.0 * len(metrics), 3.8))
   axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -324,6 +346,12 @@ def plot_training_curves(
       part = part.drop_duplicates("step", keep="last")  # a resumed run re-logs steps
       ax.plot(part["step"], part[metric], color=f"C{i % 10}", label=label)
       drawn = drawn or len(part) > 0
+      column = reference.get(metric)
+      if column and column in log.columns:
+        ref = log[["step", column]].apply(pd.to_numeric, errors="coerce").dropna()
+        ref = ref.drop_duplicates("step", keep="last")
+        ax.plot(ref["step"], ref[column], color=f"C{i % 10}", linestyle=":", linewidth=1.0,
+                label=f"{label} {column}")
     for j, (label, value) in enumerate((paper or {}).get(metric, {}).items()):
       ax.axhline(value, color=f"C{(len(logs) + j) % 10}", linestyle="--",
                  label=f"paper {label}")
@@ -339,3 +367,60 @@ def plot_training_curves(
   fig.tight_layout()
   _save(fig, save)
   return fig
+
+
+def plot_usage(summary: pd.DataFrame, *, save: str | os.PathLike | None = None
+               ) -> matplotlib.figure.Figure:
+  """Evaluation usage next to what uniform use would show at its token count.
+
+  One bar per row of `usage_summary(...)` (the user's runs and, e.g., the
+  published IBQ / GSQ rows; rows with source "paper" are hatched). Left:
+  usage [%] with a black tick at the uniform-usage expectation
+  100·(1 − exp(−T/V)) and T under each bar. Right: entropy of the code
+  histogram in bits with a tick at its maximum log2 V.
+  """
+  if not isinstance(summary, pd.DataFrame) or summary.empty:
+    raise ValueError("plot_usage: pass the non-empty table of usage_summary(...)")
+  _check_columns(summary, ["usage", "usage_uniform_expectation", "lookups"], "usage summary")
+  labels = (list(summary["label"]) if "label" in summary.columns
+            else tables_lib.run_labels(summary))
+  paper = (summary["source"] == "paper").to_numpy() if "source" in summary.columns else (
+      np.zeros(len(summary), bool))
+  has_entropy = "entropy_bits" in summary.columns and summary["entropy_bits"].notna().any()
+  fig = matplotlib.figure.Figure(figsize=(5.0 + 0.9 * len(summary), 4.4))
+  axes = fig.subplots(1, 2 if has_entropy else 1, squeeze=False)[0]
+  xs = np.arange(len(summary))
+  panels = [("usage", "usage_uniform_expectation", "usage [%] (codes used / V)",
+             "uniform expectation 1-exp(-T/V)")]
+  if has_entropy:
+    panels.append(("entropy_bits", "max_entropy_bits", "entropy [bits]", "max log2 V"))
+  for ax, (value, ref, ylabel, ref_label) in zip(axes, panels):
+    for i, (x, v) in enumerate(zip(xs, summary[value])):
+      ax.bar(x, v, color=f"C{i % 10}", hatch="//" if paper[i] else None,
+             edgecolor="0.2", alpha=0.85)
+    ax.scatter(xs, summary[ref], marker="_", s=900, color="k", linewidths=2.5, label=ref_label,
+               zorder=3)
+    ax.set_xticks(xs)
+    draws = [f"T={_short_count(t)}" for t in summary["lookups"]]
+    ax.set_xticklabels([f"{l}\n{d}" for l, d in zip(labels, draws)], rotation=30, ha="right",
+                       fontsize="small")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    top = np.nanmax(np.concatenate([summary[value].to_numpy(float), summary[ref].to_numpy(float)]))
+    ax.set_ylim(0, 1.18 * top if np.isfinite(top) and top > 0 else 1.0)
+    ax.legend(fontsize="small", loc="upper right")
+  axes[0].set_title("codebook usage at evaluation (hatched: published)")
+  if has_entropy:
+    axes[1].set_title("entropy of the code histogram")
+  fig.tight_layout()
+  _save(fig, save)
+  return fig
+
+
+def _short_count(value: Any) -> str:
+  if value is None or not np.isfinite(value):
+    return "?"
+  for unit, size in (("M", 1e6), ("k", 1e3)):
+    if value >= size:
+      return f"{value / size:.3g}{unit}"
+  return f"{value:.0f}"

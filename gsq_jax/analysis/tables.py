@@ -5,6 +5,11 @@ seed), with the run's size and cost (params, steps, images_seen, wall_time_s)
 and every metric of its eval.json. `load_table` reads one into pandas with the
 numeric columns really numeric, so fits and plots never see strings such as
 "nan" or "unavailable" (rFID without the Inception weights).
+
+Also here: the uniform-usage expectation with the right draw count (`lookups`
+for the usage pooled over groups, `tokens` for one group's), and the small
+row helpers the notebooks share (finished_runs, pick_metric, run_label(s),
+run_workdirs).
 """
 
 from __future__ import annotations
@@ -22,18 +27,19 @@ REQUIRED_COLUMNS = ("quantizer", "f", "D", "G", "V")
 # Columns forced to numbers (anything else there becomes NaN): the grid keys,
 # the run's size/cost and the metrics eval.json writes.
 NUMERIC_COLUMNS = frozenset({
-    "f", "D", "G", "d", "V", "seed", "res", "params", "steps", "images_seen",
-    "wall_time_s", "compute", "flops", "tokens", "eval_images",
-    "rfid", "fd_vgg16", "kid", "inception_score", "psnr", "ssim", "mse",
-    "lpips", "lpips_vgg", "lpips_alex", "usage", "perplexity",
-    "usage_uniform_expectation",
+    "f", "D", "G", "d", "V", "seed", "res", "params", "steps", "total_steps", "images_seen",
+    "wall_time_s", "device_hours", "compute", "flops", "tokens", "lookups", "eval_images",
+    "rfid", "fd_vgg16", "kid", "kid_mean", "kid_std", "inception_score", "psnr",
+    "psnr_per_image", "ssim", "mse", "lpips", "lpips_vgg", "lpips_alex", "usage", "perplexity",
+    "group_usage_mean", "group_perplexity_mean", "product_usage", "usage_uniform_expectation",
+    "group_usage_uniform_expectation",
 })
 
 # Columns never coerced, even when every value looks like a number.
 TEXT_COLUMNS = frozenset({
     "quantizer", "method", "model", "source", "note", "variant", "name", "run",
-    "workdir", "status", "reason", "config_hash", "git_commit",
-    "channel_multipliers",
+    "workdir", "status", "reason", "config_hash", "git_commit", "sweep",
+    "channel_multipliers", "rfid_status", "kid_features", "eval_source", "eval_crop",
 })
 
 _MISSING = frozenset({"", "nan", "none", "null", "na", "n/a", "-", "–"})
@@ -49,7 +55,9 @@ def load_table(
 
   Args:
     path: a `.csv` or `.parquet` file, or a folder with exactly one table in
-      it (the same table in both formats counts as one; Parquet is preferred).
+      it (the same table in both formats counts as one; Parquet is preferred),
+      or a sweep root whose `tables/` folder (gsq-collect's default output)
+      holds one.
     required: columns the table must have.
 
   Returns:
@@ -98,6 +106,8 @@ def _resolve_table_file(path: pathlib.Path) -> pathlib.Path:
   tables = sorted(p for p in path.iterdir()
                   if p.is_file() and p.suffix in _TABLE_SUFFIXES)
   stems = sorted({p.stem for p in tables})
+  if not stems and (path / "tables").is_dir():
+    return _resolve_table_file(path / "tables")  # a sweep root: gsq-collect's default --out
   if not stems:
     raise FileNotFoundError(
         f"load_table: the folder {path} holds no .csv or .parquet table; "
@@ -145,17 +155,23 @@ def coerce_numeric(df: pd.DataFrame) -> pd.DataFrame:
   return out
 
 
-def uniform_usage_expectation(tokens, V, *, percent: bool = False):
-  """Expected codebook coverage if T tokens were drawn uniformly from V codes.
+def uniform_usage_expectation(draws, V, *, percent: bool = False):
+  """Expected codebook coverage if `draws` indices were drawn uniformly from V codes.
 
   Coverage (codes used at least once / V) = 1 − exp(−T/V), computed as
   −expm1(−T/V) so tiny T/V keeps full precision. It bounds what a usage
-  number measured on T tokens can show: e.g. 1k images at f=16 give
+  number measured on T draws can show: e.g. 1k images at f=16 give
   T = 256k, so even perfectly uniform usage of 2^18 codes reads ≈ 62%.
 
+  Which count is T (gsq_jax.quantizers.stats, eval.json): `tokens` is the
+  number of latent positions N, `lookups` = N·G the number of indices.
+  The *shared* usage (the paper's "Usage": one histogram pooled over the G
+  groups) saw T = lookups draws; one group's usage (`group_usage_mean`) saw
+  T = tokens. For G = 1 they agree. `add_uniform_usage_expectation` picks the
+  right column.
+
   Args:
-    tokens: T, the number of indices counted into the histogram (for a
-      histogram pooled over G groups this includes the factor G). Scalar,
+    draws: T, the number of indices counted into the histogram. Scalar,
       array or Series.
     V: codebook size K (scalar, array or Series).
     percent: False returns a fraction in [0, 1]; True returns percent
@@ -164,43 +180,191 @@ def uniform_usage_expectation(tokens, V, *, percent: bool = False):
   Returns:
     A float for scalar inputs, else an array/Series of the broadcast shape.
   """
-  t = np.asarray(tokens, dtype=np.float64)
+  t = np.asarray(draws, dtype=np.float64)
   v = np.asarray(V, dtype=np.float64)
   if np.any(t < 0) or np.any(~np.isfinite(t) & ~np.isnan(t)):
-    raise ValueError(f"uniform_usage_expectation: `tokens` must be finite and >= 0, got {tokens}")
+    raise ValueError(f"uniform_usage_expectation: `draws` (tokens or lookups) must be finite "
+                     f"and >= 0, got {draws}")
   if np.any(v < 1):
     raise ValueError(f"uniform_usage_expectation: `V` must be >= 1, got {V}")
   value = -np.expm1(-t / v) * (100.0 if percent else 1.0)
-  if isinstance(tokens, pd.Series):
-    return pd.Series(value, index=tokens.index, name="usage_uniform_expectation")
+  if isinstance(draws, pd.Series):
+    return pd.Series(value, index=draws.index, name="usage_uniform_expectation")
   return float(value) if value.ndim == 0 else value
+
+
+USAGE_KINDS = ("shared", "group")
+
+
+def usage_draws(df: pd.DataFrame, kind: str = "shared") -> pd.Series:
+  """The number of draws T behind each row's usage (see `uniform_usage_expectation`).
+
+  kind="shared" (the pooled histogram of `usage`): the `lookups` column, or
+  `tokens`·G where a table has no lookups (tables written before eval.json
+  had them; published tables). kind="group" (`group_usage_mean`): `tokens`.
+  Rows without the needed counts get NaN.
+  """
+  if kind not in USAGE_KINDS:
+    raise ValueError(f"usage_draws: `kind` must be one of {USAGE_KINDS}, got {kind!r}")
+  nan = pd.Series(np.nan, index=df.index, dtype=np.float64)
+  tokens = pd.to_numeric(df["tokens"], errors="coerce") if "tokens" in df.columns else nan
+  if kind == "group":
+    draws = tokens
+  else:
+    groups = pd.to_numeric(df["G"], errors="coerce") if "G" in df.columns else nan
+    draws = tokens * groups
+    if "lookups" in df.columns:
+      lookups = pd.to_numeric(df["lookups"], errors="coerce")
+      draws = lookups.where(lookups.notna(), draws)
+  if len(df) and draws.isna().all():
+    needed = "`tokens`" if kind == "group" else "`lookups`, or `tokens` and `G`"
+    raise ValueError(f"usage_draws: the table has no {needed} column with values, so the "
+                     f"number of draws behind its usage is unknown; it has {list(df.columns)}")
+  return draws.astype(np.float64)
 
 
 def add_uniform_usage_expectation(
     df: pd.DataFrame,
     *,
-    tokens: str = "tokens",
+    kind: str = "shared",
     vocab: str = "V",
-    column: str = "usage_uniform_expectation",
+    column: str | None = None,
     percent: bool = True,
 ) -> pd.DataFrame:
-  """Returns a copy of `df` with the uniform-usage expectation as `column`.
+  """Returns a copy of `df` with the uniform-usage expectation of each row.
 
-  Defaults to percent, the unit of the paper's and IBQ's usage columns, so the
-  new column sits next to `usage` on the same scale; pass percent=False for
-  fractions. Rows with a missing token count get NaN.
+  Args:
+    df: a table with `V` and the draw counts (`usage_draws`).
+    kind: "shared" — the expectation for `usage` (the histogram pooled over
+      groups, T = lookups = tokens·G), column `usage_uniform_expectation`
+      (what eval.json writes); "group" — for one group's usage
+      (`group_usage_mean`, T = tokens), column
+      `group_usage_uniform_expectation`.
+    vocab: the codebook-size column.
+    column: output column name (default by `kind`, see above).
+    percent: percent (default; the unit of the paper's and IBQ's usage
+      columns, so the new column sits next to `usage` on the same scale) or
+      fractions with False.
+
+  Rows with missing counts get NaN.
   """
-  for name, col in (("tokens", tokens), ("vocab", vocab)):
-    if col not in df.columns:
-      raise ValueError(
-          f"add_uniform_usage_expectation: `{name}` column {col!r} not in the "
-          f"table; it has {list(df.columns)}")
+  if vocab not in df.columns:
+    raise ValueError(
+        f"add_uniform_usage_expectation: `vocab` column {vocab!r} not in the table; it has "
+        f"{list(df.columns)}")
+  draws = usage_draws(df, kind)
+  column = column or ("usage_uniform_expectation" if kind == "shared"
+                      else "group_usage_uniform_expectation")
   out = df.copy()
-  t = pd.to_numeric(out[tokens], errors="coerce")
-  known = t.notna()
+  known = draws.notna().to_numpy()
   values = np.full(len(out), np.nan)
-  values[known.to_numpy()] = uniform_usage_expectation(
-      t[known].to_numpy(), pd.to_numeric(out.loc[known, vocab]).to_numpy(),
-      percent=percent)
+  values[known] = uniform_usage_expectation(
+      draws[known].to_numpy(), pd.to_numeric(out.loc[known, vocab]).to_numpy(), percent=percent)
   out[column] = values
+  return out
+
+
+def run_workdirs(
+    df: pd.DataFrame,
+    table: str | os.PathLike | None = None,
+) -> dict[str, pathlib.Path]:
+  """{run name: workdir} of the rows whose workdir holds a metrics.jsonl.
+
+  The `workdir` column of `gsq-collect` is absolute; when the sweep folder
+  was moved (or the table copied elsewhere) the run is looked up next to the
+  table instead: `table` is ROOT/tables/NAME.csv, so ROOT/<run> (or the
+  table's own folder/<run>). Rows found nowhere are left out; compare the
+  result's length with the table's to notice.
+  """
+  if "run" not in df.columns and "workdir" not in df.columns:
+    raise ValueError(f"run_workdirs: the table needs a `run` or `workdir` column (gsq-collect "
+                     f"writes both); it has {list(df.columns)}")
+  roots = []
+  if table is not None:
+    table = pathlib.Path(table)
+    folder = table.parent if table.suffix in _TABLE_SUFFIXES else table
+    roots = [folder.parent, folder]
+  found: dict[str, pathlib.Path] = {}
+  for _, row in df.iterrows():
+    name = row.get("run")
+    name = str(name) if isinstance(name, str) and name else None
+    candidates = []
+    if isinstance(row.get("workdir"), str) and row["workdir"]:
+      candidates.append(pathlib.Path(row["workdir"]))
+      name = name or candidates[0].name
+    candidates += [root / name for root in roots if name]
+    for path in candidates:
+      if (path / "metrics.jsonl").is_file():
+        found[name] = path
+        break
+  return found
+
+
+def finished_runs(df: pd.DataFrame) -> pd.DataFrame:
+  """The rows of finished runs (status "done"); every row of a table without `status`.
+
+  `gsq-collect` lists pending, running and failed runs too, with empty
+  metrics; fits and plots want the finished ones.
+  """
+  if "status" not in df.columns:
+    return df.copy()
+  return df[df["status"].astype(str).str.lower() == "done"].copy()
+
+
+def pick_metric(df: pd.DataFrame, preferred: str, fallbacks: Sequence[str] = ()) -> str:
+  """`preferred` if the table has a value for it, else the best-covered fallback.
+
+  Tiny runs have no rFID unless the FID Inception weights are installed
+  (eval.json says why in `rfid_status`), so a notebook asking for rFID falls
+  back to a metric that was measured instead of plotting an empty figure: the
+  fallback with values in the most rows, the earlier one on ties (runs with
+  different eval settings may have measured different metrics).
+  """
+  def count(name: str) -> int:
+    if name not in df.columns:
+      return 0
+    return int(pd.to_numeric(df[name], errors="coerce").notna().sum())
+
+  if count(preferred):
+    return preferred
+  counts = [count(name) for name in fallbacks]
+  if not counts or max(counts) == 0:
+    raise ValueError(f"pick_metric: none of {[preferred, *fallbacks]} has a value in the "
+                     f"table; it has {list(df.columns)}")
+  return fallbacks[counts.index(max(counts))]
+
+
+def run_label(row: pd.Series | dict) -> str:
+  """A short legend label of a table row: 'ibq f4 D32 V256k', 'paper gsq f16 D16 G4 V256k'.
+
+  G is shown for GSQ rows only (other quantizers have one group).
+  """
+  row = dict(row)
+  parts = ["paper"] if row.get("source") == "paper" else []
+  quantizer = row.get("quantizer")
+  if isinstance(quantizer, str):
+    parts.append(quantizer)
+  for col in ("f", "D", "G"):
+    value = row.get(col)
+    if col == "G" and quantizer not in ("gsq", None):
+      continue
+    if value is not None and pd.notna(value):
+      parts.append(f"{col}{int(value)}")
+  V = row.get("V")
+  if V is not None and pd.notna(V):
+    V = int(V)
+    parts.append(f"V{V // 1024}k" if V >= 1024 and V % 1024 == 0 else f"V{V}")
+  return " ".join(parts)
+
+
+def run_labels(df: pd.DataFrame) -> list[str]:
+  """`run_label` of every row, made unique: repeated labels get the run name (or row number)."""
+  labels = [run_label(row) for _, row in df.iterrows()]
+  counts = pd.Series(labels).value_counts()
+  out = []
+  for i, (label, (_, row)) in enumerate(zip(labels, df.iterrows())):
+    if counts[label] > 1:
+      name = row.get("run")
+      label = f"{label} {name if isinstance(name, str) and name else f'#{i}'}"
+    out.append(label)
   return out

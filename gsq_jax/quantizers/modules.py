@@ -151,10 +151,12 @@ class IndexBackpropQuantizer(nnx.Module):
                chunk_size: int | None = None, vocab_axis: str | None = None, data_axis=None):
     base.require(codebook_size >= 2, "IndexBackpropQuantizer", f"codebook_size V must be >= 2, got {codebook_size}")
     self.latent_dim, self.num_groups, self.codebook_size = latent_dim, 1, codebook_size
-    self.options = dict(beta=beta, beta_placement=beta_placement,
-                        entropy_temperature=entropy_temperature,
-                        sample_entropy_weight=sample_entropy_weight,
-                        batch_entropy_weight=batch_entropy_weight, chunk_size=chunk_size)
+    # A tuple, not a dict: module attributes must hash (nnx graph defs are
+    # static arguments of jitted evaluation steps).
+    self.options = tuple(dict(
+        beta=beta, beta_placement=beta_placement, entropy_temperature=entropy_temperature,
+        sample_entropy_weight=sample_entropy_weight, batch_entropy_weight=batch_entropy_weight,
+        chunk_size=chunk_size).items())
     self.entropy_loss_weight = entropy_loss_weight
     self.vocab_axis, self.data_axis = vocab_axis, sharded.as_axes(data_axis)
     self.codebook = _codebook(init, rngs, (codebook_size, latent_dim), vocab_axis)
@@ -163,7 +165,7 @@ class IndexBackpropQuantizer(nnx.Module):
     del rng  # IBQ's argmax is deterministic.
     quantize = _pick(ibq.ibq_quantize, sharded.sharded_ibq_quantize, self.vocab_axis,
                      self.data_axis)
-    out = quantize(z, self.codebook[...], **self.options)
+    out = quantize(z, self.codebook[...], **dict(self.options))
     loss = out.loss + self.entropy_loss_weight * out.aux["entropy_loss"]
     return _with_group_axis(out.replace(loss=loss))
 
@@ -196,16 +198,17 @@ class LookupFreeQuantizer(nnx.Module):
   def __init__(self, *, latent_dim: int, rngs: nnx.Rngs | None = None, **options: Any):
     del rngs
     self.latent_dim, self.num_groups, self.codebook_size = latent_dim, 1, 2 ** latent_dim
-    self.options = options
+    self.options = tuple(sorted(options.items()))  # hashable, see IndexBackpropQuantizer
 
   def __call__(self, z, *, rng=None) -> base.QuantizerOutput:
     del rng
-    return _with_group_axis(lfq.lfq_quantize(z, **self.options))
+    return _with_group_axis(lfq.lfq_quantize(z, **dict(self.options)))
 
   def decode_indices(self, indices):
-    value = self.options.get("codebook_value")
+    options = dict(self.options)
+    value = options.get("codebook_value")
     if value is None:
-      value = 1.0 if self.options.get("variant", "paper") == "paper" else -1.0
+      value = 1.0 if options.get("variant", "paper") == "paper" else -1.0
     return lfq.lfq_codes_from_indices(indices[..., 0], self.latent_dim, value)
 
 
