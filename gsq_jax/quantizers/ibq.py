@@ -89,13 +89,7 @@ def ibq_quantize(z, codebook, *, beta: float = 0.25, entropy_temperature: float 
     `H_avg` uses the average probability over all tokens of this call (the
     reference averages over its per-GPU batch).
   """
-  fn = "ibq_quantize"
-  base.check_latent(fn, z)
-  base.check_codebook(fn, codebook, z.shape[-1], "z.shape[-1]")
-  base.require(beta_placement in ("codebook", "commitment"), fn,
-               f"`beta_placement` must be 'codebook' or 'commitment', got {beta_placement!r}")
-  base.require(entropy_temperature > 0, fn,
-               f"`entropy_temperature` must be > 0, got {entropy_temperature}")
+  check_arguments("ibq_quantize", z, codebook, beta_placement, entropy_temperature)
   d, v = z.shape[-1], codebook.shape[0]
   flat = z.reshape(-1, d)
   n = flat.shape[0]
@@ -127,6 +121,16 @@ def ibq_quantize(z, codebook, *, beta: float = 0.25, entropy_temperature: float 
   quantized = z_q.reshape(-1, d)[:n].reshape(z.shape)
   indices = idx.reshape(-1)[:n].reshape(z.shape[:-1])
   return base.QuantizerOutput(quantized=quantized, indices=indices, loss=quant_loss, aux=aux)
+
+
+def check_arguments(fn: str, z, codebook, beta_placement, entropy_temperature) -> None:
+  """Argument checks shared by `ibq_quantize` and its vocabulary-sharded form."""
+  base.check_latent(fn, z)
+  base.check_codebook(fn, codebook, z.shape[-1], "z.shape[-1]")
+  base.require(beta_placement in ("codebook", "commitment"), fn,
+               f"`beta_placement` must be 'codebook' or 'commitment', got {beta_placement!r}")
+  base.require(entropy_temperature > 0, fn,
+               f"`entropy_temperature` must be > 0, got {entropy_temperature}")
 
 
 def avg_probs_entropy(avg_probs):

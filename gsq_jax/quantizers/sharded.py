@@ -349,12 +349,7 @@ def sharded_ibq_quantize(z, codebook, *, beta: float = 0.25, entropy_temperature
   default keeps a chunk x V/S block near 2^26 elements.
   """
   fn = "sharded_ibq_quantize"
-  base.check_latent(fn, z)
-  base.check_codebook(fn, codebook, z.shape[-1], "z.shape[-1]")
-  base.require(beta_placement in ("codebook", "commitment"), fn,
-               f"`beta_placement` must be 'codebook' or 'commitment', got {beta_placement!r}")
-  base.require(entropy_temperature > 0, fn,
-               f"`entropy_temperature` must be > 0, got {entropy_temperature}")
+  ibq.check_arguments(fn, z, codebook, beta_placement, entropy_temperature)
   layout = _layout(fn, mesh, vocab_axis, data_axis, z, codebook)
   inv_t = 1.0 / entropy_temperature
 
