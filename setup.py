@@ -24,12 +24,15 @@ INSTALL_REQUIRES = [
     # Scaling tables and fits (gsq_jax.analysis), plots of the Quickstart.
     "pandas>=2",
     "matplotlib>=3.8",
+    # Site files of the sweep launcher (sweeps/sites/*.yaml).
+    "PyYAML",
 ]
 
 EXTRAS_REQUIRE = {
     # Everything the test suite needs on a fresh Python 3.11 machine.
     "test": [
         "pytest>=8",
+        "pytest-xdist>=3",  # pytest.ini runs the suite in two processes
         "tensorboardX",
         "nbclient>=0.10",
         "nbformat>=5",
@@ -58,5 +61,9 @@ setuptools.setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": [
         "gsq-prepare=gsq_jax.prepare:main",
+        "gsq-train=gsq_jax.train:main",
+        "gsq-eval=gsq_jax.eval:main",
+        "gsq-sweep=gsq_jax.sweeps.launch:main",
+        "gsq-collect=gsq_jax.sweeps.collect:main",
     ]},
 )

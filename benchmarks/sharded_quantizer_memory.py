@@ -10,7 +10,18 @@ codebook (its moments sharded like it). Cases:
 
 impl "sharded" runs on a ("data", "vocab") mesh of 8 simulated devices with
 the codebook split over "vocab"; impl "unsharded" is the same step on one
-device with the whole codebook, for comparison. One JSON line per case:
+device with the whole codebook, for comparison.
+
+The `*_train` cases are the trainer's whole generator + EMA step
+(gsq_jax.train.build, configs/gsq.py tiny encoder/decoder, MSE + quantizer
+loss, AdamW) with the same codebooks: impl "sharded" = `mesh.vocab = 8`,
+impl "unsharded" = `mesh.data = 8` (plain data parallelism, every device
+holding the whole codebook, its EMA and Adam moments).
+
+  gsq_train  V = 2^20, D = 16, G = 2 (d = 8), 8 images of 128² at f = 8
+  ibq_train  V = 2^18, D = 256, 8 images of 64² at f = 8
+
+One JSON line per case:
 
   {"case", "impl", "mesh", "V", "d", "tokens", "rows", "per_device": {"argument_mb",
    "output_mb", "alias_mb", "temp_mb", "peak_bound_mb"}, "largest_buffer_elements",
@@ -27,6 +38,7 @@ Each case runs in a fresh subprocess so its peak RSS is its own.
   python benchmarks/sharded_quantizer_memory.py                 # gsq, ibq; sharded, unsharded
   python benchmarks/sharded_quantizer_memory.py --impl sharded   # skip the one-device baselines
   python benchmarks/sharded_quantizer_memory.py --case ibq:sharded:1   # in-process, data = 1
+  python benchmarks/sharded_quantizer_memory.py --only gsq_train ibq_train   # trainer steps
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import re
 import resource
 import subprocess
@@ -44,6 +57,8 @@ import time
 CASES = {
     "gsq": dict(vocab=2**20, latent_dim=16, num_groups=2, images=16),
     "ibq": dict(vocab=2**18, latent_dim=256, num_groups=1, images=4),
+    "gsq_train": dict(vocab=2**20, latent_dim=16, num_groups=2, images=8, res=128),
+    "ibq_train": dict(vocab=2**18, latent_dim=256, num_groups=1, images=8, res=64),
 }
 TOKENS_PER_IMAGE = 16 * 16
 DEVICES = 8
@@ -113,9 +128,6 @@ def run_case(name: str, impl: str, data: int, repeats: int) -> dict:
   start = time.perf_counter()
   compiled = step.lower(codebook, opt_state, z, w).compile()
   compile_s = time.perf_counter() - start
-  mem = compiled.memory_analysis()
-  largest = _largest_buffer(compiled.as_text())
-
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -123,6 +135,14 @@ def run_case(name: str, impl: str, data: int, repeats: int) -> dict:
     jax.block_until_ready((codebook, dz))
     times.append(time.perf_counter() - start)
 
+  return _report(name, impl, mesh_desc, compiled, times, loss, v=v, d=d, tokens=tokens,
+                 groups=groups, compile_s=compile_s)
+
+
+def _report(name, impl, mesh_desc, compiled, times, loss, *, v, d, tokens, groups, compile_s):
+  import jax
+  mem = compiled.memory_analysis()
+  largest = _largest_buffer(compiled.as_text())
   mb = lambda b: round(b / 2**20, 2)
   rows = tokens * groups
   return {
@@ -141,6 +161,45 @@ def run_case(name: str, impl: str, data: int, repeats: int) -> dict:
   }
 
 
+def run_train_case(name: str, impl: str, repeats: int) -> dict:
+  """The trainer's generator step with the codebook split over mesh.vocab (or replicated)."""
+  import jax
+  import numpy as np
+
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from configs import gsq  # pylint: disable=g-import-not-at-top
+  from gsq_jax import input_pipeline, sharding, train  # pylint: disable=g-import-not-at-top
+
+  spec = CASES[name]
+  v, dim, groups = spec["vocab"], spec["latent_dim"], spec["num_groups"]
+  quantizer = name.split("_")[0]
+  config = gsq.get_config(f"D={dim},G={groups},V={v},f=8,quantizer={quantizer},"
+                          f"res={spec['res']},tiny")
+  config.train.global_batch_size = spec["images"]
+  config.train.two_batches_per_step = False
+  config.mesh.update({"data": 1, "fsdp": 1, "vocab": DEVICES} if impl == "sharded"
+                     else {"data": DEVICES, "fsdp": 1, "vocab": 1})
+  train.validate_config(config, num_devices=DEVICES, process_count=1)
+  mesh = sharding.make_mesh(config.mesh)
+  jax.set_mesh(mesh)
+  run = train.build(config, mesh)
+  images = np.random.default_rng(0).uniform(
+      -1, 1, (spec["images"], spec["res"], spec["res"], 3)).astype(np.float32)
+  batch = input_pipeline.make_global_batch({"image": images}, sharding.data_sharding(mesh))
+  start = time.perf_counter()
+  compiled = run.train_step.lower(run.state, run.consts, batch).compile()
+  compile_s = time.perf_counter() - start
+  state, times = run.state, []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = compiled(state, run.consts, batch)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  tokens = spec["images"] * (spec["res"] // 8) ** 2
+  return _report(name, impl, dict(mesh.shape), compiled, times, metrics["g_loss"], v=v,
+                 d=dim // groups, tokens=tokens, groups=groups, compile_s=compile_s)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,6 +208,7 @@ def main():
   parser.add_argument("--data", type=int, default=1, choices=[1, 2, 4],
                       help="size of the data axis of the 8-device mesh (vocab = 8 / data)")
   parser.add_argument("--repeats", type=int, default=2, help="timed steps after compilation")
+  parser.add_argument("--only", nargs="+", choices=sorted(CASES), help="run only these cases")
   parser.add_argument("--timeout", type=float, default=1800, help="seconds per case")
   args = parser.parse_args()
   # Before jax is imported (lazily, in run_case) here or in the subprocesses.
@@ -162,11 +222,14 @@ def main():
     if name not in CASES or impl not in ("sharded", "unsharded"):
       raise ValueError(f"--case must be NAME:IMPL:DATA with NAME in {sorted(CASES)} and IMPL "
                        f"'sharded' or 'unsharded', got {args.case!r}")
-    print(json.dumps(run_case(name, impl, int(data), args.repeats)), flush=True)
+    case = (run_train_case(name, impl, args.repeats) if name.endswith("_train")
+            else run_case(name, impl, int(data), args.repeats))
+    print(json.dumps(case), flush=True)
     return
 
   impls = ["sharded", "unsharded"] if args.impl == "both" else [args.impl]
-  for name in CASES:
+  names = [n for n in CASES if n in args.only] if args.only else list(CASES)
+  for name in names:
     for impl in impls:
       cmd = [sys.executable, __file__, "--case", f"{name}:{impl}:{args.data}",
              "--repeats", str(args.repeats)]

@@ -65,13 +65,14 @@ def default_config() -> ml_collections.ConfigDict:
   """The data config with its defaults (see the module docstring)."""
   return ml_collections.ConfigDict(dict(
       source="demo",
-      eval_source=None,
-      data_dir=None,
+      # Optional fields are typed references so that the command line can set them.
+      eval_source=ml_collections.FieldReference(None, field_type=str),
+      data_dir=ml_collections.FieldReference(None, field_type=str),
       image_key="image",
       crop="center",
       eval_crop="center",
       crop_pct=transforms.DEFAULT_CROP_PCT,
-      eval_num_images=None,
+      eval_num_images=ml_collections.FieldReference(None, field_type=int),
       num_workers=0,
       num_threads=8,
       read_buffer=64,

@@ -2,10 +2,15 @@
 
 The flag must be in place before JAX initialises its backend, which is why it
 is set at import time of this conftest (pytest imports it before any test
-module).
+module). Compiling dominates the training tests, so one persistent XLA
+compilation cache serves the whole run: every test process (pytest-xdist
+workers inherit the environment) and every trainer subprocess they start;
+identical programs compile once.
 """
 
 import os
+import shutil
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -14,6 +19,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # numpy/scipy (eigh in the Frechet tests) and XLA both start a thread per core;
 # one BLAS thread avoids oversubscribing small CI machines.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"gsq_jax_test_xla_cache_{os.getpid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 import pathlib  # noqa: E402
 
@@ -29,6 +39,27 @@ def shared_dir() -> pathlib.Path:
   if not SHARED.is_dir():
     pytest.skip(f"shared data folder not found at {SHARED}")
   return SHARED
+
+
+@pytest.fixture(scope="session")
+def trainer_env() -> dict[str, str]:
+  """Environment of trainer subprocesses (sweeps): one CPU device each, not the
+  tests' 8 simulated ones, and XLA's backend optimisations turned down -- a
+  few-step run is mostly compilation, and this saves ~20% of it; the
+  computation is the same. The shared compilation cache comes with os.environ."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags += ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+  env["XLA_FLAGS"] = " ".join(flags)
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del exitstatus
+  if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the xdist controller or a plain run
+    shutil.rmtree(XLA_CACHE, ignore_errors=True)
 
 
 def pytest_report_header(config):

@@ -142,7 +142,24 @@ class LPIPS(nnx.Module):
         x = _max_pool(x, op[1], op[2])
     return taps
 
+  def pooled_features(self, x: jax.Array) -> jax.Array:
+    """Global-average-pooled last tap, float32 (B, C): relu5_3 (512) for VGG16.
+
+    The feature function of FD-VGG16 (`gsq_jax.evaluation.frechet.fd_vgg16`).
+    """
+    return jnp.mean(self.features(x)[-1].astype(jnp.float32), axis=(1, 2))
+
   def __call__(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
+    return self.distance_and_pooled(x0, x1)[0]
+
+  def distance_and_pooled(self, x0: jax.Array, x1: jax.Array
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """LPIPS (B,) plus the global-average-pooled last tap of x0 and of x1.
+
+    For VGG16 the last tap is relu5_3, so the pooled (B, 512) float32 features
+    are the ones FD-VGG16 uses (`gsq_jax.evaluation.frechet.fd_vgg16`);
+    returning them here saves the evaluator a second backbone pass.
+    """
     if x0.shape != x1.shape or x0.ndim != 4 or x0.shape[-1] != 3:
       raise ValueError(f"LPIPS: inputs must be two NHWC RGB batches of equal shape, "
                        f"got {x0.shape} and {x1.shape}")
@@ -154,7 +171,8 @@ class LPIPS(nnx.Module):
       f = f.astype(jnp.float32)
       d = jnp.square(_unit_normalize(f[:b]) - _unit_normalize(f[b:]))
       total = total + jnp.mean(d @ frozen_value(lin), axis=(1, 2))
-    return total
+    pooled = jnp.mean(feats[-1].astype(jnp.float32), axis=(1, 2))
+    return total, pooled[:b], pooled[b:]
 
 
 def read_lpips_pickle(path: str | os.PathLike) -> dict[str, Any]:

@@ -229,12 +229,20 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# data_axis is one mesh axis name or a sequence of them.
+_OPTIONAL_TYPES = dict(tile_size=int, chunk_size=int, code_tile=int, vocab_axis=str,
+                       data_axis=object, codebook_value=float)
+
+
 def default_quantizer_config(name: str) -> ml_collections.ConfigDict:
   """The config block of quantizer `name` with its reference defaults."""
   if name not in DEFAULTS:
     raise ValueError(f"quantizer.name must be one of {sorted(DEFAULTS)}, got {name!r}")
-  cfg = ml_collections.ConfigDict({"name": name, **DEFAULTS[name]})
-  return cfg
+  options = {k: ml_collections.FieldReference(None, field_type=_OPTIONAL_TYPES[k]) if v is None
+             else v for k, v in DEFAULTS[name].items()}
+  # Options that default to None are typed references: `--config.model.quantizer.tile_size=4096`
+  # can then set them from the command line.
+  return ml_collections.ConfigDict({"name": name, **options})
 
 
 def make_quantizer(cfg, *, latent_dim: int, num_groups: int = 1, codebook_size: int | None = None,

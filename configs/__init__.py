@@ -1,0 +1,1 @@
+"""Config files (`get_config(arg)`, ml_collections); see configs/README.md."""

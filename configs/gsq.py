@@ -1,0 +1,213 @@
+r"""Base GSQ tokenizer config; the arg string picks the structure.
+
+Tiny CPU run (2-core laptop: about 2 minutes for 300 steps at 32x32):
+
+  python -m gsq_jax.train --config configs/gsq.py:D=16,G=4,V=4096,f=8,tiny \
+      --workdir /tmp/gsq_tiny
+
+Paper scaling run (GSQ.md §3.6 (C): 256², batch 512, 50k steps, AdamW 2e-4
+(0.9, 0.99) wd 0.05, clip 2, EMA 0.999, bf16, MSE + LPIPS 1 + DINO
+discriminator 0.1 (non-saturating G / hinge D), two batches per iteration),
+e.g. F16-D64-G4-V256k on one 4-GPU node:
+
+  srun --ntasks-per-node=4 gsq-train --config configs/gsq.py:D=64,G=4,V=256k,f=16 \
+      --workdir runs/f16_D64_G4_V256k \
+      --config.disc.dino_weights=$WEIGHTS/dinov2_vits14_reg4_pretrain.pth \
+      --config.data.data_dir=$SCRATCH/tensorflow_datasets
+
+Expected (paper Fig. 1b, rFID at 256² with the EMA weights): F16 D64 G4 0.45,
+F8 D16 G1 0.39. Leaves override from the command line, e.g.
+`--config.optim.lr=1e-4` (both networks) or `--config.train.total_steps=1000`.
+
+Arg keys (comma separated, `key=value`, a bare key means True):
+  D          latent dimension (model.latent_dim)
+  G          groups (model.num_groups); d = D / G channels per group
+  V          codebook size (model.codebook_size); "64k" = 65536, "256k" = 2^18
+  f          down-sampling factor (model.downsample_factor): 4, 8, 16 or 32
+  quantizer  gsq (default) | vq | ibq | fsq | lfq
+  res        training image size (default 256; tiny: 32)
+  disc       none | patchgan | dino (default dino; tiny: none)
+  seed       train.seed
+  tiny       CPU-sized: hidden 32, one ResBlock per level, demo data, float32,
+             batch 8, 300 steps, no LPIPS, no discriminator.
+
+The paper symbols D, G, V, f are config.model.{latent_dim, num_groups,
+codebook_size, downsample_factor}; each run records them in config.json and
+in its first metrics.jsonl line.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import ml_collections
+
+_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # `configs` is importable from the checkout root
+  sys.path.insert(0, _ROOT)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
+from gsq_jax import input_pipeline
+from gsq_jax import optim
+from gsq_jax import sharding
+from gsq_jax.evaluation import evaluator
+from gsq_jax.models import default_model_config
+from gsq_jax.quantizers import default_quantizer_config
+
+# Channel multipliers per down-sampling factor: the paper's F8 [1,2,2,4] and
+# the F16 / F32 layouts derived from the released checkpoints (GSQ.md §2.7).
+MULTIPLIERS = {
+    4: (1, 2, 4),
+    8: (1, 2, 2, 4),
+    16: (1, 1, 2, 2, 4),
+    32: (1, 1, 2, 2, 4, 4),
+}
+
+ARG_DEFAULTS = dict(D=16, G=1, V=8192, f=8, quantizer="gsq", res=0, disc="", seed=0,
+                    tiny=False)
+
+
+def multipliers_for(f: int) -> tuple[int, ...]:
+  if f not in MULTIPLIERS:
+    raise ValueError(f"config arg f={f}: supported down-sampling factors are "
+                     f"{sorted(MULTIPLIERS)} (f = 2 ** (len(channel_multipliers) - 1)); for "
+                     "another layout set --config.model.channel_multipliers and "
+                     "--config.model.downsample_factor")
+  return MULTIPLIERS[f]
+
+
+def model_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.model for the D, G, V, f, quantizer of `arg` (paper layout or tiny)."""
+  m = default_model_config()
+  m.channel_multipliers = multipliers_for(arg.f)
+  levels = len(m.channel_multipliers) + 1
+  m.encoder_layer_configs = (2,) * levels
+  m.decoder_layer_configs = (2,) * levels
+  if arg.tiny:
+    m.hidden_channels = 32
+    m.encoder_layer_configs = (1,) * levels
+    m.decoder_layer_configs = (1,) * levels
+  m.latent_dim = arg.D
+  m.num_groups = arg.G
+  m.downsample_factor = arg.f
+  m.quantizer = default_quantizer_config(arg.quantizer)
+  if arg.quantizer == "lfq":
+    m.codebook_size = 2 ** arg.D
+  elif arg.quantizer == "fsq":
+    levels = m.quantizer.levels
+    m.codebook_size = 1
+    for level in levels:
+      m.codebook_size *= level
+  else:
+    m.codebook_size = arg.V
+  return m
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The scaling recipe of GSQ.md §3.6 (C), or its CPU-sized `tiny` version."""
+  arg = common.parse_arg(arg, **ARG_DEFAULTS)
+  res = arg.res or (max(32, 2 * arg.f) if arg.tiny else 256)
+  disc = arg.disc or ("none" if arg.tiny else "dino")
+
+  config = ml_collections.ConfigDict()
+  config.train = ml_collections.ConfigDict(dict(
+      seed=arg.seed,
+      total_steps=50_000,
+      global_batch_size=512,
+      image_size=res,
+      log_every_steps=100,
+      checkpoint_every_steps=1000,
+      keep_checkpoints=3,
+      image_every_steps=2500,
+      num_image_samples=8,
+      eval_every_steps=0,  # 0 = only at the end
+      final_eval=True,  # evaluate the EMA weights into eval.json before DONE
+      two_batches_per_step=True,  # the discriminator step draws a fresh batch
+      gd_order="g_then_d",
+      compute_dtype="bfloat16",
+      fast_conv_grads=True,  # CPU only: piecewise conv weight gradients (conv_grad.py)
+      preemption_check_every_steps=10,  # multi-process only: agree on a signal
+      inject_nan_at_step=-1,  # test hook: the generator loss turns NaN there
+  ))
+
+  config.model = model_config(arg)
+  # One switch for mixed precision: the model computes in train.compute_dtype.
+  config.model.dtype = config.train.get_ref("compute_dtype")
+
+  config.data = input_pipeline.default_config()
+  config.data.source = "tfds:imagenet2012"
+  config.data.eval_source = "tfds:imagenet2012:validation"
+  config.data.crop = "center"  # resize shorter side, center crop, no flip
+
+  config.optim = optim.default_config()
+
+  config.loss = ml_collections.ConfigDict(dict(
+      reconstruction="mse",
+      reconstruction_weight=1.0,  # lambda_rec: scales the quantizer loss too
+      quantizer_weight=1.0,
+      perceptual_weight=1.0,  # VGG-LPIPS; 0 disables it
+      perceptual_input_range="zero_one",  # GSQ feeds LPIPS [0, 1] (GSQ.md §3.2)
+      lpips_weights=ml_collections.FieldReference(None, field_type=str),
+      adversarial_weight=0.1,
+      discriminator_weight=1.0,
+      adaptive_weight=False,
+      adaptive_weight_max=1e3,
+  ))
+
+  config.disc = ml_collections.ConfigDict(dict(
+      name=disc,
+      gen_loss="non_saturate",
+      disc_loss="hinge",
+      input_range="zero_one",  # D sees 0.5 x + 0.5
+      start_step=0,
+      lecam_weight=0.0,
+      lecam_decay=0.999,
+      r1_weight=0.0,
+      # DINO projected discriminator (GSQ.md §3.4).
+      dino_weights=ml_collections.FieldReference(None, field_type=str),
+      dino_require_vits14=True,  # False accepts any DINOv2 ViT file (tests)
+      dino_resolution=518,
+      dino_taps=(2, 5, 8, 11),
+      diffaug=True,
+      aug_policy="color,translation,cutout",
+      # PatchGAN (taming NLayerDiscriminator; GSQ's NLD scales the output by 0.1).
+      patchgan_filters=64,
+      patchgan_layers=3,
+      patchgan_output_scale=1.0,
+  ))
+
+  # Evaluation of the EMA weights (gsq_jax/evaluation/evaluator.py fields).
+  config.eval = evaluator.default_eval_config()
+  config.eval.num_images = 50_000
+  config.eval.crop = "crop_pct"  # resize 292, center crop 256 (timm crop_pct 0.875)
+  config.eval.batch_size = 64
+
+  config.mesh = sharding.default_config()
+
+  if arg.tiny:
+    _shrink(config)
+  return config
+
+
+def _shrink(config: ml_collections.ConfigDict) -> None:
+  """CPU-sized run: demo photos, float32, small batch, no LPIPS / discriminator."""
+  t = config.train
+  t.total_steps = 300
+  t.global_batch_size = 8
+  t.log_every_steps = 25
+  t.checkpoint_every_steps = 100
+  t.image_every_steps = 100
+  t.compute_dtype = "float32"  # bf16 convolutions are slow on CPUs
+  config.optim.lr = 1e-3
+  # The EMA weights are evaluated: a horizon of ~100 steps suits a 300-step run
+  # (0.999 would leave them near the initialisation).
+  config.optim.ema_decay = 0.99
+  config.loss.perceptual_weight = 0.0
+  config.data.source = "demo"
+  config.data.eval_source = None
+  config.data.num_threads = 2
+  config.data.read_buffer = 16
+  config.eval.num_images = 16
+  config.eval.batch_size = 8
+  config.eval.crop = "center"

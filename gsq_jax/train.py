@@ -1,0 +1,610 @@
+r"""Trains a GSQ (or IBQ/VQ/FSQ/LFQ) tokenizer: `gsq-train` / `python -m gsq_jax.train`.
+
+  python -m gsq_jax.train --config configs/gsq.py:D=16,G=4,V=4096,f=8,tiny \
+      --workdir /tmp/gsq_tiny [--config.train.total_steps=100]
+
+The same command runs on one CPU, one GPU node (one process per GPU) or a
+multi-node SLURM / TPU allocation (`jax.distributed.initialize()` with cluster
+auto-detection; `--coordinator_address` overrides, e.g. JSC's "<host>i").
+
+Workdir (other commands rely on it; gsq_jax/checkpointing.py, API contract):
+  config.json     resolved config, written at start
+  metrics.jsonl   one JSON line per log step (first line: D, G, V, f, params)
+  checkpoints/    orbax: params, EMA, optimisers, D, RNG, counter, data position
+  images/         original / reconstruction grids every train.image_every_steps
+  tensorboard/    event files when tensorboardX is installed
+  eval.json       final evaluation (gsq_jax.evaluation.evaluator)
+  DONE            written last, when every step and the final eval are done
+  FAILED          {"reason", "step"} when the run stops on an error it detected
+
+Exit codes: 0 finished (or already DONE), 1 failed (FAILED written), 75 stopped
+by SIGTERM/SIGUSR1 after saving a checkpoint (SLURM preemption / time limit:
+requeue it). A run started again in the same workdir resumes from its latest
+checkpoint, exactly: parameters end bitwise equal to an uninterrupted run.
+
+Sections: config checks | building networks and state | the loop (logging,
+images, checkpoints, preemption, evaluation) | main.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging as logging_std
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+from clu import metrics as clu_metrics
+from clu import parameter_overview
+import jax
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+from flax import nnx
+
+from gsq_jax import checkpointing
+from gsq_jax import conv_grad
+from gsq_jax import input_pipeline
+from gsq_jax import optim
+from gsq_jax import sharding as sharding_lib
+from gsq_jax import steps
+from gsq_jax import weights as weights_lib
+from gsq_jax import writers
+from gsq_jax.evaluation import evaluator
+from gsq_jax.models import Tokenizer
+from gsq_jax.models import discriminators as disc_lib
+from gsq_jax.models import dino as dino_lib
+from gsq_jax.models import lpips as lpips_lib
+from gsq_jax.models import parameter_counts_from_config
+from gsq_jax.models import validate_model_config
+from gsq_jax.models.tokenizer import COMPUTE_DTYPES
+
+EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED = 0, 1, 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+BLOCKS = ("model", "data", "train", "optim", "loss", "disc", "eval", "mesh")
+
+
+class RunFailed(Exception):
+  """An error the run detected itself (bad config or data, NaN loss): FAILED + exit 1."""
+
+  def __init__(self, reason: str, step: int = 0):
+    super().__init__(reason)
+    self.reason, self.step = reason, step
+
+
+# ============================================================================
+# Config checks: everything that can be wrong is reported before compiling.
+# ============================================================================
+def _positive_int(cfg, block: str, field: str, minimum: int = 1) -> int:
+  value = cfg[field]
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f"{block}.{field} must be an integer >= {minimum}, got {value!r}")
+  return value
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
+                    process_count: int) -> None:
+  """Raises ValueError (FileNotFoundError for weight files) naming the field and the fix."""
+  for block in BLOCKS:
+    if block not in config:
+      raise ValueError(f"config.{block} is missing; start from configs/gsq.py:get_config()")
+  validate_model_config(config.model)
+  parameter_counts_from_config(config.model)  # quantizer options vs D, G, V
+  t, m = config.train, config.model
+  for field in ("total_steps", "global_batch_size", "image_size", "log_every_steps",
+                "checkpoint_every_steps", "keep_checkpoints", "num_image_samples",
+                "preemption_check_every_steps"):
+    _positive_int(t, "train", field)
+  for field in ("image_every_steps", "eval_every_steps", "seed"):
+    _positive_int(t, "train", field, minimum=0)
+  if not isinstance(t.inject_nan_at_step, int) or t.inject_nan_at_step < -1:
+    raise ValueError(f"train.inject_nan_at_step must be -1 (off) or a step number, "
+                     f"got {t.inject_nan_at_step!r}")
+  for field in ("final_eval", "fast_conv_grads"):
+    if not isinstance(t[field], bool):
+      raise ValueError(f"train.{field} must be True or False, got {t[field]!r}")
+  if t.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
+                     f"got {t.compute_dtype!r}")
+  if m.dtype != t.compute_dtype:
+    raise ValueError(f"model.dtype = {m.dtype!r} differs from train.compute_dtype = "
+                     f"{t.compute_dtype!r}; set train.compute_dtype (the model follows it)")
+  f = m.downsample_factor
+  if t.image_size % f:
+    raise ValueError(f"train.image_size = {t.image_size} must be divisible by "
+                     f"model.downsample_factor f = {f}; use e.g. "
+                     f"{max(f, t.image_size // f * f)} or {(t.image_size // f + 1) * f}")
+  if m.use_adaptive_norm and (t.image_size // f) ** 2 < 2:
+    raise ValueError(f"train.image_size = {t.image_size} with f = {f} gives a 1x1 latent, but "
+                     "model.use_adaptive_norm needs >= 2 latent pixels; use image_size >= "
+                     f"{2 * f} or model.use_adaptive_norm=False")
+  data, fsdp, vocab = sharding_lib.mesh_shape(config.mesh, num_devices)
+  if t.global_batch_size % num_devices:
+    raise ValueError(f"train.global_batch_size = {t.global_batch_size} must be divisible by "
+                     f"the number of devices mesh.data * mesh.fsdp * mesh.vocab = {data} * "
+                     f"{fsdp} * {vocab} = {num_devices} (the batch is split over all of them); "
+                     f"use a multiple of {num_devices}")
+  if vocab > 1:
+    if m.quantizer.name not in sharding_lib.VOCAB_SHARDABLE:
+      raise ValueError(f"mesh.vocab = {vocab} shards the codebook, which only "
+                       f"{sharding_lib.VOCAB_SHARDABLE} quantizers support; the "
+                       f"{m.quantizer.name!r} quantizer needs mesh.vocab = 1")
+    if m.codebook_size % vocab:
+      raise ValueError(f"model.codebook_size V = {m.codebook_size} must be divisible by "
+                       f"mesh.vocab = {vocab} (each vocab device holds V / mesh.vocab codes)")
+  if t.global_batch_size % process_count:
+    raise ValueError(f"train.global_batch_size = {t.global_batch_size} must be divisible by "
+                     f"the number of processes ({process_count})")
+  optim.validate_config(config.optim, t.total_steps)
+  steps.validate_config(config)
+  if t.num_image_samples > t.global_batch_size:
+    raise ValueError(f"train.num_image_samples = {t.num_image_samples} must be <= "
+                     f"train.global_batch_size = {t.global_batch_size}")
+  if config.loss.perceptual_weight > 0:
+    weights_lib.find_weights("lpips_vgg16", config.loss.lpips_weights)
+  if config.disc.name == "dino":
+    # Refuse to start (and to compile anything) without the DINOv2 file.
+    dino_lib.check_dino_checkpoint(config.disc.dino_weights)
+
+
+def paper_symbols(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """D, G, V, f (+ d, quantizer) as recorded in the first metrics line."""
+  m = config.model
+  return {"D": m.latent_dim, "G": m.num_groups, "V": m.codebook_size, "f": m.downsample_factor,
+          "d": m.latent_dim // m.num_groups, "quantizer": m.quantizer.name}
+
+
+# ============================================================================
+# Networks and the train state.
+# ============================================================================
+@dataclasses.dataclass
+class Run:
+  """Everything built for one run (jitted functions, shardings, constants)."""
+
+  nets: steps.Networks
+  step_cfg: steps.StepConfig
+  state: dict[str, Any]
+  state_shardings: Any
+  consts: dict[str, Any]
+  train_step: Callable
+  usage_report: Callable
+  reconstruct: Callable
+  num_params: dict[str, int]
+
+
+def build_discriminator(config: ml_collections.ConfigDict, dtype) -> nnx.Module | None:
+  d = config.disc
+  rngs = nnx.Rngs(config.train.seed + 1)
+  if d.name == "patchgan":
+    return disc_lib.PatchGAN(3, d.patchgan_filters, d.patchgan_layers,
+                             output_weight_scale=d.patchgan_output_scale, rngs=rngs)
+  if d.name == "dino":
+    backbone = dino_lib.load_dino_backbone(
+        d.dino_weights, expected=dino_lib.VITS14_REG if d.dino_require_vits14 else None,
+        dtype=dtype)
+    return disc_lib.DinoDiscriminator(backbone, rngs=rngs, diffaug=d.diffaug,
+                                      aug_policy=d.aug_policy, resolution=d.dino_resolution,
+                                      taps=tuple(d.dino_taps))
+  return None
+
+
+def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """FSDP layout for parameters, EMA and optimiser states; the rest replicated."""
+  sharded = ("params", "ema", "opt", "d_params", "d_opt")
+  return {k: (sharding_lib.tree_shardings(v, mesh) if k in sharded
+              else jax.tree.map(lambda _: sharding_lib.replicated(mesh), v))
+          for k, v in state.items()}
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
+  """Networks, optimisers, initial state (placed on the mesh) and jitted functions."""
+  t = config.train
+  dtype = COMPUTE_DTYPES[t.compute_dtype]
+  step_cfg = steps.StepConfig.from_config(config)
+  g_tx, g_schedule = optim.make_optimizer(config.optim, "generator", t.total_steps)
+  d_tx, d_schedule = optim.make_optimizer(config.optim, "discriminator", t.total_steps)
+  replicated = sharding_lib.replicated(mesh)
+
+  # mesh.vocab > 1 swaps in the vocabulary-sharded quantizer (config.json keeps
+  # the plain one: a checkpoint restores onto any mesh).
+  model_cfg = config.model.copy_and_resolve_references()
+  model_cfg.quantizer.update(sharding_lib.quantizer_axes(config.mesh, mesh.size))
+
+  def new_tokenizer():
+    return Tokenizer.from_config(model_cfg, rngs=nnx.Rngs(t.seed))
+
+  abstract = nnx.eval_shape(new_tokenizer)
+  disc = build_discriminator(config, dtype)
+  if t.fast_conv_grads and jax.default_backend() == "cpu":
+    # XLA:CPU's weight gradients of large convolutions are slow; see conv_grad.py.
+    for model in (abstract, disc):
+      if model is not None:
+        conv_grad.use_fast_weight_grads(model)
+  g_graphdef, _, _ = steps.split_tokenizer(abstract)
+  frozen = {}  # pretrained, never trained, never checkpointed
+  d_graphdef = d_params = d_stats = None
+  if disc is not None:
+    d_graphdef, d_params, d_stats, frozen["d_frozen"] = steps.split_discriminator(disc)
+  lpips_graphdef = None
+  if config.loss.perceptual_weight > 0:
+    lpips_graphdef, frozen["lpips"] = nnx.split(
+        lpips_lib.load_lpips("vgg16", config.loss.lpips_weights, dtype=dtype))
+  if jax.process_count() > 1:
+    # Arrays built on this host enter global computations as host data
+    # (identical on every process), not as arrays committed to a local device.
+    d_params, d_stats, frozen = jax.device_get((d_params, d_stats, frozen))
+  nets = steps.Networks(g_graphdef, g_tx, g_schedule, d_graphdef, d_tx, d_schedule,
+                        lpips_graphdef, mesh)
+
+  def init(d_params, d_stats):
+    _, params, rest = steps.split_tokenizer(new_tokenizer())
+    state = steps.init_state(nets, params, seed=t.seed, num_groups=config.model.num_groups,
+                             codebook_size=config.model.codebook_size, d_params=d_params,
+                             d_stats=d_stats, lecam=step_cfg.lecam_weight > 0)
+    return state, rest
+
+  state_shape, rest_shape = jax.eval_shape(init, d_params, d_stats)
+  shardings = state_shardings(state_shape, mesh)
+  # One process: the initial state is computed by one jitted program on one
+  # device, then laid out on the mesh; the same program serves every mesh (one
+  # compilation, cached across runs; a tokenizer of 10^8 parameters fits one
+  # device). Several processes: created directly in the global shards.
+  # It runs once, so XLA's backend optimisations would only cost compile time.
+  out_shardings = None
+  if jax.process_count() > 1:
+    out_shardings = (shardings, jax.tree.map(lambda _: replicated, rest_shape))
+  init = jax.jit(init, out_shardings=out_shardings).lower(d_params, d_stats).compile(
+      compiler_options={"xla_backend_optimization_level": 0,
+                        "xla_llvm_disable_expensive_passes": True})
+  state, g_rest = init(d_params, d_stats)
+  state = jax.device_put(state, shardings)
+  consts = jax.device_put({**frozen, "inject_nan_at_step": np.int32(t.inject_nan_at_step)},
+                          replicated)
+  consts["g_rest"] = jax.device_put(g_rest, replicated)
+
+  train_step = jax.jit(steps.make_train_step(nets, step_cfg), donate_argnums=(0,),
+                       out_shardings=(shardings, replicated))
+  usage_report = jax.jit(steps.usage_report, donate_argnums=(0,),
+                         out_shardings=(shardings, replicated))
+  n = t.num_image_samples
+
+  def samples(params, rest, images):
+    images = jax.lax.with_sharding_constraint(images, replicated)[:n]
+    return images, steps.reconstruct(nets, params, rest, images)
+
+  reconstruct = jax.jit(samples, out_shardings=(replicated, replicated))
+  return Run(nets, step_cfg, state, shardings, consts, train_step, usage_report, reconstruct,
+             parameter_counts_from_config(config.model))
+
+
+def tokenizer_from_state(run: Run, params) -> Tokenizer:
+  """An nnx Tokenizer view of `params` (e.g. the EMA) for evaluation."""
+  return nnx.merge(run.nets.g_graphdef, params, run.consts["g_rest"])
+
+
+# ============================================================================
+# The loop.
+# ============================================================================
+class PreemptionWatcher:
+  """Remembers SIGTERM/SIGUSR1; processes agree on it before anyone saves."""
+
+  def __init__(self, check_every: int):
+    self.signal: int | None = None
+    self._check_every = check_every
+    self._previous = {}
+
+  def install(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return  # signal handlers can only be set from the main thread
+    for sig in PREEMPTION_SIGNALS:
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def uninstall(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    logging.warning("Received signal %d: saving a checkpoint at the next step boundary", signum)
+    self.signal = signum
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.signal is not None
+    if step % self._check_every:
+      return False
+    # Every process must take part in the save, so all stop at the same step.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags_all = multihost_utils.process_allgather(np.int32(self.signal is not None))
+    return bool(np.any(flags_all))
+
+
+class NonFiniteWatch:
+  """Keeps the per-step losses since the last check to name the first bad step."""
+
+  KEYS = ("g_loss", "d_loss")
+
+  def __init__(self):
+    self._window: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self._window.append((step, {k: metrics[k] for k in self.KEYS if k in metrics}))
+
+  def first_bad_step(self) -> int | None:
+    """Syncs with the devices; returns the first step with a non-finite loss."""
+    window, self._window = self._window, []
+    for step, values in jax.device_get(window):
+      if not all(np.isfinite(v) for v in values.values()):
+        return step
+    return None
+
+
+def _metric_collection(names):
+  return clu_metrics.Collection.create(
+      **{k: clu_metrics.Average.from_output(k) for k in sorted(names)})
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(payload, f, indent=2)
+  os.replace(tmp, path)
+
+
+class Evaluator:
+  """Runs gsq_jax.evaluation.evaluator on the EMA (or raw) weights of the state."""
+
+  def __init__(self, run: Run, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    self._run, self._config, self._mesh = run, config, mesh
+    self._models = None  # LPIPS / Inception, loaded once per run
+
+  def __call__(self, state: dict[str, Any], out_dir: str, step: int,
+               should_stop=None) -> dict[str, Any] | None:
+    """The eval.json content, or None when `should_stop` interrupted it."""
+    use_ema = bool(self._config.eval.use_ema)
+    tokenizer = tokenizer_from_state(self._run, state["ema"] if use_ema else state["params"])
+    if self._models is None:
+      self._models = evaluator.load_metric_models(self._config.eval)
+    logging.info("Evaluating step %d into %s", step, out_dir)
+    try:
+      return evaluator.run_evaluation(tokenizer, self._config, out_dir=out_dir, mesh=self._mesh,
+                                      use_ema_note=use_ema, step=step,
+                                      metric_models=self._models, should_stop=should_stop)
+    except evaluator.EvaluationInterrupted as e:
+      logging.warning("Evaluation of step %d interrupted (%s)", step, e)
+      return None
+
+
+def _scalars(results: dict[str, Any], prefix: str) -> dict[str, float]:
+  out = {}
+  for k, v in results.items():
+    if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+      out[prefix + k] = float(v)
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """Trains (resuming from `workdir` if it holds checkpoints); returns the exit code."""
+  workdir = os.path.abspath(workdir)
+  done_path = os.path.join(workdir, "DONE")
+  failed_path = os.path.join(workdir, "FAILED")
+  if os.path.exists(done_path):
+    logging.info("%s exists: the run is finished, nothing to do", done_path)
+    return EXIT_OK
+  try:
+    return _train(config, workdir, done_path, failed_path)
+  except RunFailed as e:
+    logging.error("Run failed at step %d: %s", e.step, e.reason)
+    _write_json(failed_path, {"reason": e.reason, "step": e.step})
+    return EXIT_FAILED
+
+
+def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
+  try:
+    validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  except (ValueError, FileNotFoundError) as e:
+    raise RunFailed(f"invalid config: {e}") from e
+  t = config.train
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(failed_path):
+      os.remove(failed_path)  # a retry: the verdict of the previous attempt is stale
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  writer = writers.MetricWriter(workdir)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  with jax.set_mesh(mesh):
+    corrupt = CorruptFiles()
+    try:
+      data_iter = input_pipeline.make_train_iterator(
+          config.data, global_batch_size=t.global_batch_size, image_size=t.image_size,
+          seed=t.seed, sharding=sharding_lib.data_sharding(mesh), corrupt_counter=corrupt)
+    except (ValueError, FileNotFoundError) as e:
+      raise RunFailed(f"data: {e}") from e
+    run = build(config, mesh)
+    state = run.state
+    ckpt = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is not None:
+      logging.info("Resuming from the checkpoint of step %d", start)
+      state = ckpt.restore(start, state, data_iter)
+    start = int(state["step"])
+    if is_main:
+      logging.info("Parameters: %s\n%s", run.num_params, parameter_overview.get_parameter_overview(
+          jax.device_get(state["params"]).to_pure_dict(), include_stats=False))
+    writer.write_scalars(start, {**paper_symbols(config), "num_params": run.num_params["total"],
+                                 "image_size": t.image_size,
+                                 "global_batch_size": t.global_batch_size,
+                                 "batches_per_step": run.step_cfg.batches_per_step,
+                                 "num_devices": jax.device_count(),
+                                 "num_processes": jax.process_count()})
+
+    def next_batch():
+      batch = {"image": next(data_iter)["image"]}
+      if run.step_cfg.two_batches_per_step:
+        batch["image_d"] = next(data_iter)["image"]
+      return batch
+
+    evaluate = Evaluator(run, config, mesh)
+    watcher = PreemptionWatcher(t.preemption_check_every_steps)
+    watcher.install()
+    nan_watch = NonFiniteWatch()
+    meter = writers.ProgressMeter(t.total_steps, t.global_batch_size, start_step=start)
+    merge = collection = accumulated = None  # clu metrics, averaged between log steps
+    step = start
+    try:
+      while step < t.total_steps:
+        if watcher.should_stop(step):
+          if step not in ckpt.all_steps():
+            ckpt.save(step, state, data_iter)
+          ckpt.close()
+          logging.warning("Stopped by signal %s at step %d after saving; exit %d",
+                          watcher.signal, step, EXIT_PREEMPTED)
+          return EXIT_PREEMPTED
+        batch = next_batch()
+        images = batch["image"]
+        state, metrics = run.train_step(state, run.consts, batch)
+        step += 1
+        nan_watch.add(step, metrics)
+        if merge is None:  # the metric names are known after the first step
+          collection = _metric_collection(metrics)
+          merge = jax.jit(lambda acc, m: acc.merge(collection.single_from_model_output(**m)))
+          accumulated = collection.empty()
+        accumulated = merge(accumulated, metrics)
+
+        last = step == t.total_steps
+        if step % t.log_every_steps == 0 or last:
+          bad = nan_watch.first_bad_step()
+          if bad is not None:
+            raise RunFailed(f"non-finite loss at step {bad}", bad)
+          state, usage = run.usage_report(state)
+          scalars = {k: float(v) for k, v in accumulated.compute().items()}
+          scalars.update({k: float(v) for k, v in jax.device_get(usage).items()})
+          scalars.update(corrupt.totals())
+          progress, line = meter.update(step)
+          scalars.update(progress)
+          writer.write_scalars(step, scalars)
+          logging.info("%s | g_loss %.4g | rec %.4g | usage %.1f%%", line, scalars["g_loss"],
+                       scalars["rec_loss"], scalars["usage"])
+          accumulated = collection.empty()
+        if t.image_every_steps and (step % t.image_every_steps == 0 or last):
+          originals, recons = run.reconstruct(state["ema"], run.consts["g_rest"], images)
+          writer.write_images(step, "reconstructions",
+                              np.concatenate([np.asarray(originals), np.asarray(recons)]),
+                              ncols=t.num_image_samples)
+        if step % t.checkpoint_every_steps == 0 or last:
+          bad = nan_watch.first_bad_step()
+          if bad is not None:
+            raise RunFailed(f"non-finite loss at step {bad}", bad)
+          ckpt.save(step, state, data_iter)
+        if t.eval_every_steps and step % t.eval_every_steps == 0 and not last:
+          # An interrupted periodic eval is dropped; the loop then saves and stops.
+          results = evaluate(state, os.path.join(workdir, "evals", f"step_{step:07d}"), step,
+                             should_stop=watcher.should_stop)
+          if results:
+            writer.write_scalars(step, _scalars(results, "eval_"))
+      ckpt.wait_until_finished()
+      if t.final_eval:
+        # The last checkpoint is complete, so a signal here can exit at once:
+        # the restarted run finds step == total_steps and only evaluates.
+        results = evaluate(state, workdir, step, should_stop=watcher.should_stop)
+        if results is None:
+          logging.warning("Stopped by signal %s during the final evaluation; exit %d",
+                          watcher.signal, EXIT_PREEMPTED)
+          return EXIT_PREEMPTED
+        writer.write_scalars(step, _scalars(results, "eval_"))
+    finally:
+      watcher.uninstall()
+      ckpt.close()
+      writer.close()
+      data_iter.close()  # stops the read / prefetch threads
+  _write_json(done_path, {"step": step, "time": time.time()})
+  logging.info("Finished %d steps; wrote %s", step, done_path)
+  return EXIT_OK
+
+
+class CorruptFiles(input_pipeline.CorruptImageCounter):
+  """Also remembers which files were skipped: each counts once, however many epochs."""
+
+  def __init__(self):
+    super().__init__()
+    self.files: set[str] = set()
+    self._files_lock = threading.Lock()
+
+  def record(self, skipped) -> None:
+    super().record(skipped)
+    with self._files_lock:
+      self.files.update(name for name, _ in skipped)
+
+  def totals(self) -> dict[str, int]:
+    """{"skipped": distinct files, "skipped_reads": skip events}, over all processes."""
+    with self._files_lock:
+      counts = np.array([len(self.files), self.count], np.int64)
+    if jax.process_count() > 1:  # hosts read disjoint files, so the sums are exact
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      counts = np.sum(multihost_utils.process_allgather(counts), axis=0)
+    return {"skipped": int(counts[0]), "skipped_reads": int(counts[1])}
+
+
+# ============================================================================
+# main
+# ============================================================================
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file and arg, e.g. configs/gsq.py:D=16,G=4,V=4096,f=8,tiny.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 for multi-process runs (default: $JAX_COORDINATOR_ADDRESS or "
+    "the cluster's auto-detection; on JSC use the InfiniBand name, e.g. jwb0001i:12345).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (default: auto-detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (default: auto).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Call jax.distributed.initialize(): auto = on clusters or "
+                                 "when a coordinator/process count is given.")
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax and grain (dozens of lines per checkpoint)."""
+
+  def filter(self, record) -> bool:
+    noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
+    return record.levelno >= logging_std.WARNING or not noisy
+
+
+def _main(argv) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required")
+  sharding_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                      _PROCESS_ID.value, mode=_DISTRIBUTED.value)
+  code = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.flush()
+  sys.exit(code)
+
+
+def main() -> None:
+  """Console-script entry point (`gsq-train`)."""
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  main()
