@@ -1,0 +1,34 @@
+"""GSQ paper Table 13: splitting D into G groups (d = D / G) at fixed D and V.
+
+Paper scale (GSQ.md §5.1), 256², 50k steps, GAN recipe:
+  F16-D16 V=256k, G in {1, 2, 4, 8, 16}
+  F32-D32 V=256k, G in {1, 2, 4, 8, 16, 32}
+  F8-D64  V=8k,   G in {1, 2, 4, 16}          (the rows the paper reports)
+
+  gsq-sweep sweeps/groups.py --backend slurm --site sweeps/sites/jsc_booster.yaml
+  gsq-sweep sweeps/groups.py --tiny
+"""
+
+NAME = "groups"
+CONFIG = "configs/gsq_gan_256.py"
+TINY_CONFIG = "configs/gsq.py:tiny"
+TINY_OVERRIDES = {"train.total_steps": 100}
+
+V256K = 2**18
+
+# (f, D, V, groups)
+FAMILIES = (
+    (16, 16, V256K, (1, 2, 4, 8, 16)),
+    (32, 32, V256K, (1, 2, 4, 8, 16, 32)),
+    (8, 64, 8192, (1, 2, 4, 16)),
+)
+# Tiny: one family, G from 1 to D, at CPU size.
+TINY_FAMILIES = (
+    (4, 8, 256, (1, 2, 4, 8)),
+)
+
+
+def sweep(add, tiny=False):
+  for f, D, V, groups in TINY_FAMILIES if tiny else FAMILIES:
+    for G in groups:
+      add(f=f, D=D, G=G, V=V)
