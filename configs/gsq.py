@@ -29,7 +29,7 @@ Arg keys (comma separated, `key=value`, a bare key means True):
   disc       none | patchgan | dino (default dino; tiny: none)
   seed       train.seed
   tiny       CPU-sized: hidden 32, one ResBlock per level, demo data, float32,
-             batch 8, 300 steps, no LPIPS, no discriminator.
+             batch 8, 300 steps, EMA 0.99, no LPIPS, no discriminator.
 
 The paper symbols D, G, V, f are config.model.{latent_dim, num_groups,
 codebook_size, downsample_factor}; each run records them in config.json and
