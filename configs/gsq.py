@@ -3,7 +3,7 @@ r"""Base GSQ tokenizer config; the arg string picks the structure.
 Tiny CPU run (2-core laptop: about 2 minutes for 300 steps at 32x32):
 
   python -m gsq_jax.train --config configs/gsq.py:D=16,G=4,V=4096,f=8,tiny \
-      --workdir /tmp/gsq_tiny
+      --workdir runs/gsq_tiny
 
 Paper scaling run (GSQ.md §3.6 (C): 256², batch 512, 50k steps, AdamW 2e-4
 (0.9, 0.99) wd 0.05, clip 2, EMA 0.999, bf16, MSE + LPIPS 1 + DINO

@@ -1,7 +1,7 @@
 r"""Trains a GSQ (or IBQ/VQ/FSQ/LFQ) tokenizer: `gsq-train` / `python -m gsq_jax.train`.
 
   python -m gsq_jax.train --config configs/gsq.py:D=16,G=4,V=4096,f=8,tiny \
-      --workdir /tmp/gsq_tiny [--config.train.total_steps=100]
+      --workdir runs/gsq_tiny [--config.train.total_steps=100]
 
 The same command runs on one CPU, one GPU node (one process per GPU) or a
 multi-node SLURM / TPU allocation (`jax.distributed.initialize()` with cluster

@@ -237,17 +237,24 @@ def sharded_gsq_quantize(z, codebook, *, num_groups: int, l2_normalize: bool = T
   idx = _global_indices(layout, latent, codebook, l2_normalize=l2_normalize, metric="l2", rng=rng,
                         **search_kwargs)
 
+  quantized, loss, aux = _quantize_to_codes(layout, latent, codebook, idx, commitment_weight,
+                                            "commitment")
+  return base.QuantizerOutput(quantized=quantized.reshape(z.shape), indices=idx, loss=loss, aux=aux)
+
+
+def _quantize_to_codes(layout, latent, codebook, idx, beta: float,
+                       beta_placement: vector.BetaPlacement):
+  """The chosen codes gathered from their shards: straight-through output, loss and its terms."""
+
   def body(latent, codes, idx):
     code = _take(layout, codes, idx).astype(latent.dtype)
-    terms = vector.codebook_loss(code, latent, commitment_weight, "commitment")
+    terms = vector.codebook_loss(code, latent, beta, beta_placement)
     loss, to_code, to_latent = (layout.data_mean(t) for t in terms)
     return (vector.straight_through(latent, code), loss,
             {"codebook_loss": to_code, "commitment_loss": to_latent})
 
-  quantized, loss, aux = layout.run(body, (latent, codebook, idx),
-                                    (layout.tokens, layout.codebook, layout.tokens),
-                                    (layout.tokens, P(), P()))
-  return base.QuantizerOutput(quantized=quantized.reshape(z.shape), indices=idx, loss=loss, aux=aux)
+  return layout.run(body, (latent, codebook, idx), (layout.tokens, layout.codebook, layout.tokens),
+                    (layout.tokens, P(), P()))
 
 
 def sharded_vq_quantize(z, codebook, *, l2_normalize: bool = False, beta: float = 0.25,
@@ -269,16 +276,7 @@ def sharded_vq_quantize(z, codebook, *, l2_normalize: bool = False, beta: float 
   idx = _global_indices(layout, z, codebook, l2_normalize=l2_normalize, metric="l2", rng=rng,
                         **search_kwargs)
 
-  def body(z, codes, idx):
-    code = _take(layout, codes, idx).astype(z.dtype)
-    terms = vector.codebook_loss(code, z, beta, beta_placement)
-    loss, to_code, to_latent = (layout.data_mean(t) for t in terms)
-    return (vector.straight_through(z, code), loss,
-            {"codebook_loss": to_code, "commitment_loss": to_latent})
-
-  quantized, loss, aux = layout.run(body, (z, codebook, idx),
-                                    (layout.tokens, layout.codebook, layout.tokens),
-                                    (layout.tokens, P(), P()))
+  quantized, loss, aux = _quantize_to_codes(layout, z, codebook, idx, beta, beta_placement)
   return base.QuantizerOutput(quantized=quantized, indices=idx, loss=loss, aux=aux)
 
 
