@@ -176,6 +176,25 @@ def make_mesh(mesh_cfg: Mapping[str, Any],
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
+def validate_mesh(mesh_cfg: Mapping[str, Any], *, num_devices: int, global_batch_size: int,
+                  quantizer: str, codebook_size: int) -> None:
+  """Raises ValueError naming the field when the mesh does not fit the devices, batch or codebook."""
+  data, fsdp, vocab = mesh_shape(mesh_cfg, num_devices)
+  if global_batch_size % num_devices:
+    raise ValueError(f"train.global_batch_size = {global_batch_size} must be divisible by "
+                     f"the number of devices mesh.data * mesh.fsdp * mesh.vocab = {data} * "
+                     f"{fsdp} * {vocab} = {num_devices} (the batch is split over all of them); "
+                     f"use a multiple of {num_devices}")
+  if vocab > 1:
+    if quantizer not in VOCAB_SHARDABLE:
+      raise ValueError(f"mesh.vocab = {vocab} shards the codebook, which only "
+                       f"{VOCAB_SHARDABLE} quantizers support; the {quantizer!r} quantizer "
+                       "needs mesh.vocab = 1")
+    if codebook_size % vocab:
+      raise ValueError(f"model.codebook_size V = {codebook_size} must be divisible by "
+                       f"mesh.vocab = {vocab} (each vocab device holds V / mesh.vocab codes)")
+
+
 def quantizer_axes(mesh_cfg: Mapping[str, Any], num_devices: int) -> dict[str, Any]:
   """The quantizer options a mesh asks for: {} or vocab_axis/data_axis when mesh.vocab > 1."""
   if mesh_shape(mesh_cfg, num_devices)[AXES.index(VOCAB_AXIS)] == 1:

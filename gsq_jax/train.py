@@ -22,19 +22,17 @@ by SIGTERM/SIGUSR1 after saving a checkpoint (SLURM preemption / time limit:
 requeue it). A run started again in the same workdir resumes from its latest
 checkpoint, exactly: parameters end bitwise equal to an uninterrupted run.
 
-Sections: config checks | building networks and state | the loop (logging,
-images, checkpoints, preemption, evaluation) | main.
+Sections: building networks and state | the loop (logging, images,
+checkpoints, preemption, evaluation) | main. Config checks live in
+run_config.py, the run's guards (signals, NaN, corrupt files) in run_guards.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging as logging_std
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable
 
@@ -53,9 +51,10 @@ from gsq_jax import checkpointing
 from gsq_jax import conv_grad
 from gsq_jax import input_pipeline
 from gsq_jax import optim
+from gsq_jax import run_guards
+from gsq_jax.run_config import paper_symbols, validate_config  # noqa: F401  (public here too)
 from gsq_jax import sharding as sharding_lib
 from gsq_jax import steps
-from gsq_jax import weights as weights_lib
 from gsq_jax import writers
 from gsq_jax.evaluation import evaluator
 from gsq_jax.models import Tokenizer
@@ -63,12 +62,9 @@ from gsq_jax.models import discriminators as disc_lib
 from gsq_jax.models import dino as dino_lib
 from gsq_jax.models import lpips as lpips_lib
 from gsq_jax.models import parameter_counts_from_config
-from gsq_jax.models import validate_model_config
 from gsq_jax.models.tokenizer import COMPUTE_DTYPES
 
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED = 0, 1, 75
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-BLOCKS = ("model", "data", "train", "optim", "loss", "disc", "eval", "mesh")
 
 
 class RunFailed(Exception):
@@ -77,88 +73,6 @@ class RunFailed(Exception):
   def __init__(self, reason: str, step: int = 0):
     super().__init__(reason)
     self.reason, self.step = reason, step
-
-
-# ============================================================================
-# Config checks: everything that can be wrong is reported before compiling.
-# ============================================================================
-def _positive_int(cfg, block: str, field: str, minimum: int = 1) -> int:
-  value = cfg[field]
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    raise ValueError(f"{block}.{field} must be an integer >= {minimum}, got {value!r}")
-  return value
-
-
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
-                    process_count: int) -> None:
-  """Raises ValueError (FileNotFoundError for weight files) naming the field and the fix."""
-  for block in BLOCKS:
-    if block not in config:
-      raise ValueError(f"config.{block} is missing; start from configs/gsq.py:get_config()")
-  validate_model_config(config.model)
-  parameter_counts_from_config(config.model)  # quantizer options vs D, G, V
-  t, m = config.train, config.model
-  for field in ("total_steps", "global_batch_size", "image_size", "log_every_steps",
-                "checkpoint_every_steps", "keep_checkpoints", "num_image_samples",
-                "preemption_check_every_steps"):
-    _positive_int(t, "train", field)
-  for field in ("image_every_steps", "eval_every_steps", "seed"):
-    _positive_int(t, "train", field, minimum=0)
-  if not isinstance(t.inject_nan_at_step, int) or t.inject_nan_at_step < -1:
-    raise ValueError(f"train.inject_nan_at_step must be -1 (off) or a step number, "
-                     f"got {t.inject_nan_at_step!r}")
-  for field in ("final_eval", "fast_conv_grads"):
-    if not isinstance(t[field], bool):
-      raise ValueError(f"train.{field} must be True or False, got {t[field]!r}")
-  if t.compute_dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
-                     f"got {t.compute_dtype!r}")
-  if m.dtype != t.compute_dtype:
-    raise ValueError(f"model.dtype = {m.dtype!r} differs from train.compute_dtype = "
-                     f"{t.compute_dtype!r}; set train.compute_dtype (the model follows it)")
-  f = m.downsample_factor
-  if t.image_size % f:
-    raise ValueError(f"train.image_size = {t.image_size} must be divisible by "
-                     f"model.downsample_factor f = {f}; use e.g. "
-                     f"{max(f, t.image_size // f * f)} or {(t.image_size // f + 1) * f}")
-  if m.use_adaptive_norm and (t.image_size // f) ** 2 < 2:
-    raise ValueError(f"train.image_size = {t.image_size} with f = {f} gives a 1x1 latent, but "
-                     "model.use_adaptive_norm needs >= 2 latent pixels; use image_size >= "
-                     f"{2 * f} or model.use_adaptive_norm=False")
-  data, fsdp, vocab = sharding_lib.mesh_shape(config.mesh, num_devices)
-  if t.global_batch_size % num_devices:
-    raise ValueError(f"train.global_batch_size = {t.global_batch_size} must be divisible by "
-                     f"the number of devices mesh.data * mesh.fsdp * mesh.vocab = {data} * "
-                     f"{fsdp} * {vocab} = {num_devices} (the batch is split over all of them); "
-                     f"use a multiple of {num_devices}")
-  if vocab > 1:
-    if m.quantizer.name not in sharding_lib.VOCAB_SHARDABLE:
-      raise ValueError(f"mesh.vocab = {vocab} shards the codebook, which only "
-                       f"{sharding_lib.VOCAB_SHARDABLE} quantizers support; the "
-                       f"{m.quantizer.name!r} quantizer needs mesh.vocab = 1")
-    if m.codebook_size % vocab:
-      raise ValueError(f"model.codebook_size V = {m.codebook_size} must be divisible by "
-                       f"mesh.vocab = {vocab} (each vocab device holds V / mesh.vocab codes)")
-  if t.global_batch_size % process_count:
-    raise ValueError(f"train.global_batch_size = {t.global_batch_size} must be divisible by "
-                     f"the number of processes ({process_count})")
-  optim.validate_config(config.optim, t.total_steps)
-  steps.validate_config(config)
-  if t.num_image_samples > t.global_batch_size:
-    raise ValueError(f"train.num_image_samples = {t.num_image_samples} must be <= "
-                     f"train.global_batch_size = {t.global_batch_size}")
-  if config.loss.perceptual_weight > 0:
-    weights_lib.find_weights("lpips_vgg16", config.loss.lpips_weights)
-  if config.disc.name == "dino":
-    # Refuse to start (and to compile anything) without the DINOv2 file.
-    dino_lib.check_dino_checkpoint(config.disc.dino_weights)
-
-
-def paper_symbols(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """D, G, V, f (+ d, quantizer) as recorded in the first metrics line."""
-  m = config.model
-  return {"D": m.latent_dim, "G": m.num_groups, "V": m.codebook_size, "f": m.downsample_factor,
-          "d": m.latent_dim // m.num_groups, "quantizer": m.quantizer.name}
 
 
 # ============================================================================
@@ -292,74 +206,9 @@ def tokenizer_from_state(run: Run, params) -> Tokenizer:
 # ============================================================================
 # The loop.
 # ============================================================================
-class PreemptionWatcher:
-  """Remembers SIGTERM/SIGUSR1; processes agree on it before anyone saves."""
-
-  def __init__(self, check_every: int):
-    self.signal: int | None = None
-    self._check_every = check_every
-    self._previous = {}
-
-  def install(self) -> None:
-    if threading.current_thread() is not threading.main_thread():
-      return  # signal handlers can only be set from the main thread
-    for sig in PREEMPTION_SIGNALS:
-      self._previous[sig] = signal.signal(sig, self._handle)
-
-  def uninstall(self) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous.clear()
-
-  def _handle(self, signum, frame) -> None:
-    del frame
-    logging.warning("Received signal %d: saving a checkpoint at the next step boundary", signum)
-    self.signal = signum
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() == 1:
-      return self.signal is not None
-    if step % self._check_every:
-      return False
-    # Every process must take part in the save, so all stop at the same step.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags_all = multihost_utils.process_allgather(np.int32(self.signal is not None))
-    return bool(np.any(flags_all))
-
-
-class NonFiniteWatch:
-  """Keeps the per-step losses since the last check to name the first bad step."""
-
-  KEYS = ("g_loss", "d_loss")
-
-  def __init__(self):
-    self._window: list[tuple[int, dict[str, jax.Array]]] = []
-
-  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    self._window.append((step, {k: metrics[k] for k in self.KEYS if k in metrics}))
-
-  def first_bad_step(self) -> int | None:
-    """Syncs with the devices; returns the first step with a non-finite loss."""
-    window, self._window = self._window, []
-    for step, values in jax.device_get(window):
-      if not all(np.isfinite(v) for v in values.values()):
-        return step
-    return None
-
-
 def _metric_collection(names):
   return clu_metrics.Collection.create(
       **{k: clu_metrics.Average.from_output(k) for k in sorted(names)})
-
-
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(tmp, path)
 
 
 class Evaluator:
@@ -406,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> int:
     return _train(config, workdir, done_path, failed_path)
   except RunFailed as e:
     logging.error("Run failed at step %d: %s", e.step, e.reason)
-    _write_json(failed_path, {"reason": e.reason, "step": e.step})
+    run_guards.write_json(failed_path, {"reason": e.reason, "step": e.step})
     return EXIT_FAILED
 
 
@@ -429,7 +278,7 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
                jax.process_count())
 
   with jax.set_mesh(mesh):
-    corrupt = CorruptFiles()
+    corrupt = run_guards.CorruptFiles()
     try:
       data_iter = input_pipeline.make_train_iterator(
           config.data, global_batch_size=t.global_batch_size, image_size=t.image_size,
@@ -461,9 +310,9 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
       return batch
 
     evaluate = Evaluator(run, config, mesh)
-    watcher = PreemptionWatcher(t.preemption_check_every_steps)
+    watcher = run_guards.PreemptionWatcher(t.preemption_check_every_steps)
     watcher.install()
-    nan_watch = NonFiniteWatch()
+    nan_watch = run_guards.NonFiniteWatch()
     meter = writers.ProgressMeter(t.total_steps, t.global_batch_size, start_step=start)
     merge = collection = accumulated = None  # clu metrics, averaged between log steps
     step = start
@@ -533,32 +382,9 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
       ckpt.close()
       writer.close()
       data_iter.close()  # stops the read / prefetch threads
-  _write_json(done_path, {"step": step, "time": time.time()})
+  run_guards.write_json(done_path, {"step": step, "time": time.time()})
   logging.info("Finished %d steps; wrote %s", step, done_path)
   return EXIT_OK
-
-
-class CorruptFiles(input_pipeline.CorruptImageCounter):
-  """Also remembers which files were skipped: each counts once, however many epochs."""
-
-  def __init__(self):
-    super().__init__()
-    self.files: set[str] = set()
-    self._files_lock = threading.Lock()
-
-  def record(self, skipped) -> None:
-    super().record(skipped)
-    with self._files_lock:
-      self.files.update(name for name, _ in skipped)
-
-  def totals(self) -> dict[str, int]:
-    """{"skipped": distinct files, "skipped_reads": skip events}, over all processes."""
-    with self._files_lock:
-      counts = np.array([len(self.files), self.count], np.int64)
-    if jax.process_count() > 1:  # hosts read disjoint files, so the sums are exact
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      counts = np.sum(multihost_utils.process_allgather(counts), axis=0)
-    return {"skipped": int(counts[0]), "skipped_reads": int(counts[1])}
 
 
 # ============================================================================

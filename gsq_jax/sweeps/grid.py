@@ -399,8 +399,8 @@ class Expansion:
 
 def _trainer_check(config: Any, num_devices: int, process_count: int) -> None:
   """The trainer's own start-up validation (the same checks, before any compile)."""
-  from gsq_jax import train  # pylint: disable=import-outside-toplevel
-  train.validate_config(config, num_devices=num_devices, process_count=process_count)
+  from gsq_jax import run_config  # pylint: disable=import-outside-toplevel
+  run_config.validate_config(config, num_devices=num_devices, process_count=process_count)
 
 
 def expand(sweep_file: SweepFile, *, tiny: bool = False,
