@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import threading
 from typing import Any
@@ -23,6 +21,7 @@ import jax
 import numpy as np
 
 from gsq_jax import input_pipeline
+from gsq_jax.utils.files import atomic_write_json
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -107,10 +106,5 @@ class CorruptFiles(input_pipeline.CorruptImageCounter):
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
   """Process 0 writes `payload` atomically (temp file + rename): DONE/FAILED are never half-written."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(tmp, path)
+  if jax.process_index() == 0:
+    atomic_write_json(path, payload)

@@ -30,7 +30,6 @@ KID are always available; `kid_features` says which features KID used.
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -55,6 +54,7 @@ from gsq_jax.evaluation import image_metrics
 from gsq_jax.evaluation import inception as inception_lib
 from gsq_jax.models import lpips as lpips_lib
 from gsq_jax.quantizers import code_counts, stats_from_counts
+from gsq_jax.utils.files import atomic_write_json
 
 EVAL_FILENAME = "eval.json"
 GRID_FILENAME = "eval_grid.png"
@@ -487,8 +487,5 @@ def run_evaluation(tokenizer: nnx.Module, config: Any, *, out_dir: str | os.Path
     os.makedirs(out_dir, exist_ok=True)
     if grid is not None:
       Image.fromarray(grid).save(os.path.join(out_dir, GRID_FILENAME))
-    tmp = os.path.join(out_dir, EVAL_FILENAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(json_safe(result), f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, EVAL_FILENAME))
+    atomic_write_json(os.path.join(out_dir, EVAL_FILENAME), json_safe(result))
   return result

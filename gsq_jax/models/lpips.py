@@ -142,13 +142,6 @@ class LPIPS(nnx.Module):
         x = _max_pool(x, op[1], op[2])
     return taps
 
-  def pooled_features(self, x: jax.Array) -> jax.Array:
-    """Global-average-pooled last tap, float32 (B, C): relu5_3 (512) for VGG16.
-
-    The feature function of FD-VGG16 (`gsq_jax.evaluation.frechet.fd_vgg16`).
-    """
-    return jnp.mean(self.features(x)[-1].astype(jnp.float32), axis=(1, 2))
-
   def __call__(self, x0: jax.Array, x1: jax.Array) -> jax.Array:
     return self.distance_and_pooled(x0, x1)[0]
 

@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 from gsq_jax.sweeps import manifest as manifest_lib
+from gsq_jax.utils import files
 from gsq_jax.sweeps import runner
 
 KEY_COLUMNS = ("quantizer", "f", "D", "G", "d", "V", "seed")
@@ -261,9 +262,9 @@ def write_tables(df: pd.DataFrame, out_dir: str | os.PathLike, name: str) -> lis
   written = []
   csv = io.StringIO()
   df.to_csv(csv, index=False)
-  manifest_lib.atomic_write_text(out_dir / f"{name}.csv", csv.getvalue())
+  files.atomic_write_text(out_dir / f"{name}.csv", csv.getvalue())
   written.append(out_dir / f"{name}.csv")
-  manifest_lib.atomic_write_text(out_dir / f"{name}.md", to_markdown(df))
+  files.atomic_write_text(out_dir / f"{name}.md", to_markdown(df))
   written.append(out_dir / f"{name}.md")
   if _has_pyarrow():
     tmp = out_dir / f".{name}.parquet.tmp"

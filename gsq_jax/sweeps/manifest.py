@@ -19,35 +19,14 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gsq_jax.sweeps import grid
+from gsq_jax.utils.files import atomic_write_json
 
 MANIFEST_NAME = "sweep.json"
 FORMAT_VERSION = 1
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to `path` via a temp file in the same folder and os.replace."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
-  atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any | None:
@@ -183,5 +162,5 @@ def build_manifest(sweep_file: grid.SweepFile, expansion: grid.Expansion, *,
       project_root=str(sweep_file.project_root), runs=runs)
 
 
-__all__ = ["MANIFEST_NAME", "Manifest", "RunRecord", "atomic_write_json", "atomic_write_text",
+__all__ = ["MANIFEST_NAME", "Manifest", "RunRecord",
            "build_manifest", "default_root", "git_info", "read_json", "read_manifest"]

@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gsq_jax.sweeps import manifest as manifest_lib
+from gsq_jax.utils import files
 
 STATUS_NAME = "status.json"
 LOG_NAME = "train.log"
@@ -75,7 +76,7 @@ def read_status(workdir: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_status(workdir: str | os.PathLike, status: Mapping[str, Any]) -> None:
-  manifest_lib.atomic_write_json(pathlib.Path(workdir) / STATUS_NAME, dict(status))
+  files.atomic_write_json(pathlib.Path(workdir) / STATUS_NAME, dict(status))
 
 
 class RunLock:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 
 from gsq_jax.sweeps import manifest as manifest_lib
+from gsq_jax.utils import files
 from gsq_jax.sweeps import sites as sites_lib
 
 
@@ -150,7 +151,7 @@ def script_path(sweep: manifest_lib.Manifest) -> pathlib.Path:
 
 def write_script(sweep: manifest_lib.Manifest, script: str) -> pathlib.Path:
   path = script_path(sweep)
-  manifest_lib.atomic_write_text(path, script)
+  files.atomic_write_text(path, script)
   os.chmod(path, 0o755)
   return path
 
