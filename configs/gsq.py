@@ -126,7 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       two_batches_per_step=True,  # the discriminator step draws a fresh batch
       gd_order="g_then_d",
       compute_dtype="bfloat16",
-      fast_conv_grads=True,  # CPU only: piecewise conv weight gradients (conv_grad.py)
+      fast_cpu_convs=True,  # CPU only: Winograd 3x3 convs, piecewise weight gradients (cpu_conv.py)
       preemption_check_every_steps=10,  # multi-process only: agree on a signal
       inject_nan_at_step=-1,  # test hook: the generator loss turns NaN there
   ))

@@ -48,7 +48,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   if not isinstance(t.inject_nan_at_step, int) or t.inject_nan_at_step < -1:
     raise ValueError(f"train.inject_nan_at_step must be -1 (off) or a step number, "
                      f"got {t.inject_nan_at_step!r}")
-  for field in ("final_eval", "fast_conv_grads"):
+  for field in ("final_eval", "fast_cpu_convs"):
     if not isinstance(t[field], bool):
       raise ValueError(f"train.{field} must be True or False, got {t[field]!r}")
   if t.compute_dtype not in COMPUTE_DTYPES:

@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from gsq_jax import checkpointing
-from gsq_jax import conv_grad
+from gsq_jax import cpu_conv
 from gsq_jax import input_pipeline
 from gsq_jax import optim
 from gsq_jax import run_guards
@@ -136,11 +136,11 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
 
   abstract = nnx.eval_shape(new_tokenizer)
   disc = build_discriminator(config, dtype)
-  if t.fast_conv_grads and jax.default_backend() == "cpu":
-    # XLA:CPU's weight gradients of large convolutions are slow; see conv_grad.py.
+  if t.fast_cpu_convs and jax.default_backend() == "cpu":
+    # Faster convolutions on XLA:CPU (Winograd, piecewise weight gradients); see cpu_conv.py.
     for model in (abstract, disc):
       if model is not None:
-        conv_grad.use_fast_weight_grads(model)
+        cpu_conv.use_fast_cpu_convs(model)
   g_graphdef, _, _ = steps.split_tokenizer(abstract)
   frozen = {}  # pretrained, never trained, never checkpointed
   d_graphdef = d_params = d_stats = None

@@ -15,11 +15,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import gsq  # noqa: E402
-from gsq_jax import conv_grad  # noqa: E402
+from gsq_jax import cpu_conv  # noqa: E402
 from gsq_jax import input_pipeline  # noqa: E402
 from gsq_jax import optim  # noqa: E402
 from gsq_jax import sharding  # noqa: E402
 from gsq_jax import train  # noqa: E402
+from gsq_jax import winograd_conv  # noqa: E402
 from gsq_jax.utils import torch_pickle  # noqa: E402
 
 # The tiny config shrunk to one level (f = 1, hidden 32), 16x16 images, batch 8:
@@ -103,8 +104,76 @@ def test_adamw_clip_and_weight_decay_on_all_params():
 
 
 # ----------------------------------------------------------------------------
-# Piecewise conv weight gradients (CPU speed-up).
+# Faster CPU convolutions: Winograd 3x3 and piecewise weight gradients.
 # ----------------------------------------------------------------------------
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax_same_conv(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+@pytest.mark.parametrize("m,shape,cout", [(4, (2, 8, 12, 5), 7), (2, (1, 6, 4, 3), 2),
+                                          (4, (3, 4, 4, 16), 16)])
+def test_winograd_conv_equals_lax_forward_and_gradients(m, shape, cout):
+  keys = jax.random.split(jax.random.key(m), 3)
+  x = jax.random.normal(keys[0], shape)
+  w = jax.random.normal(keys[1], (3, 3, shape[-1], cout)) * 0.2
+  dy = jax.random.normal(keys[2], (*shape[:-1], cout))
+  with jax.default_matmul_precision("highest"):
+    want, want_vjp = jax.vjp(_lax_same_conv, x, w)
+    got, got_vjp = jax.vjp(functools.partial(winograd_conv.conv3x3, m=m), x, w)
+    for g, r in zip((got, *got_vjp(dy)), (want, *want_vjp(dy))):
+      assert g.shape == r.shape and g.dtype == r.dtype
+      # Winograd's transforms scale values up by up to 8 (m = 4): a few ulps more.
+      np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * float(jnp.abs(r).max()))
+
+
+def test_winograd_conv_with_the_batch_sharded_over_8_devices():
+  mesh = sharding.make_mesh({"data": 8})  # the trainer's mesh (Auto axes)
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+
+  def loss_and_grads(x, w):
+    loss = lambda x_, w_: jnp.sum(jnp.sin(winograd_conv.conv3x3(x_, w_)))
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+
+  want = jax.jit(loss_and_grads)(x, w)
+  x_sharded = jax.device_put(x, sharding.data_sharding(mesh))
+  got = jax.jit(loss_and_grads)(x_sharded, w)
+  assert len(got[1][0].sharding.device_set) == 8
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    # Other shapes per device, other summation orders: Winograd's rounding (~1e-5).
+    np.testing.assert_allclose(g, r, rtol=0, atol=3e-5 * float(jnp.abs(r).max()))
+
+
+def test_cpu_conv_uses_winograd_only_where_it_pays_off(monkeypatch):
+  def conv_primitives(x, w, strides=(1, 1), pad=((1, 1), (1, 1))):
+    fn = lambda x_, w_: cpu_conv.conv_general_dilated(x_, w_, strides, pad,
+                                                      dimension_numbers=_NHWC)
+    return str(jax.make_jaxpr(fn)(x, w)).count("conv_general_dilated")
+
+  side = int(np.sqrt(cpu_conv.WINOGRAD_MIN_PIXELS))
+  channels = 256  # 2 * 9 * 32^2 * 256^2 FLOPs = 1.2 GFLOP: over WINOGRAD_MIN_FLOPS
+  assert 2 * 9 * side * side * channels**2 >= cpu_conv.WINOGRAD_MIN_FLOPS
+  x, w = jnp.zeros((1, side, side, channels)), jnp.zeros((3, 3, channels, channels))
+  assert conv_primitives(x, w) == 0  # Winograd: matmuls only
+  assert conv_primitives(x[:, :side // 2, :side // 2], w) == 1  # map too small
+  assert conv_primitives(x[..., :16], w[:, :, :16, :16]) == 1  # too few FLOPs
+  assert conv_primitives(x, w, strides=(2, 2)) == 1
+  assert conv_primitives(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)) == 1
+  assert conv_primitives(x[:, :, :side - 2], w) == 1  # W not a multiple of 4
+  # Through the dispatcher the values are the convolution's.
+  monkeypatch.setattr(cpu_conv, "WINOGRAD_MIN_FLOPS", 0)
+  x = jax.random.normal(jax.random.key(0), (1, side, side, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
+  conv = lambda x_, w_: cpu_conv.conv_general_dilated(x_, w_, (1, 1), ((1, 1), (1, 1)),
+                                                      dimension_numbers=_NHWC)
+  assert conv_primitives(x, w) == 0
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(conv(x, w), _lax_same_conv(x, w), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("stride,kernel,cin,cout", [(1, 3, 8, 16), (1, 1, 16, 8), (2, 4, 3, 8)])
 def test_piecewise_weight_grad_equals_xla(stride, kernel, cin, cout):
   pad = ((kernel // 2, (kernel - 1) // 2),) * 2
@@ -115,25 +184,25 @@ def test_piecewise_weight_grad_equals_xla(stride, kernel, cin, cout):
   y, vjp = jax.vjp(conv(jax.lax.conv_general_dilated), x, w)
   dy = jax.random.normal(jax.random.key(2), y.shape)
   dx, dw = vjp(dy)
-  y2, vjp2 = jax.vjp(conv(conv_grad.conv_general_dilated), x, w)
+  y2, vjp2 = jax.vjp(conv(cpu_conv.conv_general_dilated), x, w)
   dx2, dw2 = vjp2(dy)
   np.testing.assert_array_equal(y2, y)
   np.testing.assert_array_equal(dx2, dx)
   np.testing.assert_allclose(dw2, dw, rtol=1e-4, atol=1e-4)
   # Tiny pieces (one output row of one image each) give the same sum.
-  pieces = conv_grad.weight_grad(x, dy, w, (stride, stride), pad, piece_bytes=1)
+  pieces = cpu_conv.weight_grad(x, dy, w, (stride, stride), pad, piece_bytes=1)
   np.testing.assert_allclose(pieces, dw, rtol=1e-4, atol=1e-4)
 
 
-def test_fast_weight_grads_swap_only_the_convs():
+def test_fast_cpu_convs_swap_only_the_convs():
   config = small_config()
   from gsq_jax.models import Tokenizer  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   model = nnx.eval_shape(lambda: Tokenizer.from_config(config.model, rngs=nnx.Rngs(0)))
-  count = conv_grad.use_fast_weight_grads(model)
+  count = cpu_conv.use_fast_cpu_convs(model)
   convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
   assert count == len(convs) > 5
-  assert all(c.conv_general_dilated is conv_grad.conv_general_dilated for c in convs)
+  assert all(c.conv_general_dilated is cpu_conv.conv_general_dilated for c in convs)
 
 
 # ----------------------------------------------------------------------------

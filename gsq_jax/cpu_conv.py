@@ -1,24 +1,29 @@
-"""A drop-in `lax.conv_general_dilated` whose weight gradient is fast on XLA:CPU.
+"""A drop-in `lax.conv_general_dilated` that is faster on XLA:CPU.
 
-XLA:CPU runs forward convolutions and input gradients near the machine's peak,
-but the weight gradient of a 3x3 convolution over a large batch x image
-(the contraction runs over B*H*W positions) several times slower: measured on
-the project's 2-core Xeon at 64x64x64 channels, 135 GFLOP/s forward and input
-gradient vs 35 GFLOP/s for the weight gradient, the largest cost of a
-tokenizer's training step. The same contraction split into pieces of about
-0.5 MB of output gradient each, each piece its own small convolution and the
-pieces summed, runs at 70-110 GFLOP/s (benchmarks/RESULTS.md). (A loop over
-the pieces would keep the program small, but XLA:CPU runs a convolution
-inside a loop body ~50x slower, so the pieces are unrolled.)
+Two measured changes (benchmarks/RESULTS.md, the project's 2-core Xeon):
 
-`conv_general_dilated` computes the forward pass and the input gradient
-exactly as `jax.lax.conv_general_dilated`; only the weight gradient is
-assembled from the pieces (the same sum in another order: equal to float
-rounding). Cases it does not cover (dilation, feature groups, layouts other
-than NHWC/HWIO, a preferred element type) fall back to the lax function.
+1. Large 3x3 convolutions (stride 1, SAME, float32, H and W multiples of 4, at
+   least WINOGRAD_MIN_PIXELS and WINOGRAD_MIN_FLOPS) run as Winograd F(4x4, 3x3)
+   (`winograd_conv.py`): 4x fewer multiplies for some extra elementwise work,
+   which pays off from 32x32 maps and 1 GFLOP per convolution up (+11 % for
+   the reference small model's train step at 64x64).
+2. Every other convolution keeps XLA's forward pass and input gradient, but its
+   weight gradient is split into cache-sized pieces. XLA:CPU runs the weight
+   gradient of a 3x3 convolution over a large batch x image (the contraction
+   runs over B*H*W positions) several times slower than the forward pass:
+   135 GFLOP/s forward vs 35 GFLOP/s for the weight gradient at 64x64x64
+   channels. Split into pieces of about 0.5 MB of output gradient each, each
+   piece its own small convolution and the pieces summed, it runs at
+   70-110 GFLOP/s. (A loop over the pieces would keep the program small, but
+   XLA:CPU runs a convolution inside a loop body ~50x slower, so the pieces are
+   unrolled.) The forward pass and input gradient are exactly XLA's; the weight
+   gradient is the same sum in another order (equal to float rounding).
 
-`use_fast_weight_grads(model)` switches every `nnx.Conv` in a model to it. The
-trainer does that on CPU only (`train.fast_conv_grads`); accelerators keep
+Cases neither covers (dilation, feature groups, layouts other than NHWC/HWIO,
+a preferred element type) fall back to the lax function.
+
+`use_fast_cpu_convs(model)` switches every `nnx.Conv` in a model to it. The
+trainer does that on CPU only (`train.fast_cpu_convs`); accelerators keep
 XLA's own kernels.
 """
 
@@ -32,10 +37,17 @@ from jax import lax
 import jax.numpy as jnp
 from flax import nnx
 
+from gsq_jax import winograd_conv
+
 _DIMS = ("NHWC", "HWIO", "NHWC")
 # Bytes of output gradient (or input, if wider) per piece: a quarter of the
 # per-core L2 cache of the machine it was tuned on; 256 KB to 1 MB were alike.
 PIECE_BYTES = 1 << 19
+# Winograd from 32x32 output pixels and 1 GFLOP (forward) up: below either its
+# many small ops cost more run and compile time than the multiplies they save.
+WINOGRAD_MIN_PIXELS = 32 * 32
+WINOGRAD_MIN_FLOPS = 1e9
+WINOGRAD_TILE = 4
 
 
 def _pieces(batch: int, rows: int, cols: int, channels: int, itemsize: int,
@@ -108,10 +120,19 @@ def weight_grad(x, dy, w, strides: Sequence[int], padding, precision=None, *,
   return total
 
 
+def _winograd_fits(lhs, rhs, strides, padding) -> bool:
+  b, h, w, cin = lhs.shape
+  return (rhs.shape[:2] == (3, 3) and strides == (1, 1) and padding == ((1, 1), (1, 1))
+          and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+          and h % WINOGRAD_TILE == 0 and w % WINOGRAD_TILE == 0
+          and h * w >= WINOGRAD_MIN_PIXELS
+          and 2 * 9 * b * h * w * cin * rhs.shape[-1] >= WINOGRAD_MIN_FLOPS)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs) -> jax.Array:
-  """`jax.lax.conv_general_dilated` with the piecewise weight gradient (see module doc)."""
+  """`jax.lax.conv_general_dilated`, faster on XLA:CPU (see module doc)."""
   plain = functools.partial(lax.conv_general_dilated, lhs, rhs, window_strides, padding,
                             lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                             dimension_numbers=dimension_numbers,
@@ -126,10 +147,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       or not unit(lhs_dilation) or not unit(rhs_dilation) or isinstance(padding, str)):
     return plain()
   padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-  return _fast_conv(lhs, rhs, tuple(int(s) for s in window_strides), padding, precision)
+  strides = tuple(int(s) for s in window_strides)
+  if _winograd_fits(lhs, rhs, strides, padding):
+    return winograd_conv.conv3x3(lhs, rhs, WINOGRAD_TILE, precision)
+  return _fast_conv(lhs, rhs, strides, padding, precision)
 
 
-def use_fast_weight_grads(model: Any) -> int:
+def use_fast_cpu_convs(model: Any) -> int:
   """Points every nnx.Conv of `model` at `conv_general_dilated`; returns how many."""
   count = 0
   for _, module in nnx.iter_graph(model):
