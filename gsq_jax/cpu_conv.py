@@ -5,8 +5,8 @@ Two measured changes (benchmarks/RESULTS.md, the project's 2-core Xeon):
 1. Large 3x3 convolutions (stride 1, SAME, float32, H and W multiples of 4, at
    least WINOGRAD_MIN_PIXELS and WINOGRAD_MIN_FLOPS) run as Winograd F(4x4, 3x3)
    (`winograd_conv.py`): 4x fewer multiplies for some extra elementwise work,
-   which pays off from 32x32 maps and 1 GFLOP per convolution up (+11 % for
-   the reference small model's train step at 64x64).
+   which pays off from 32x32 maps and 1 GFLOP per convolution up (+13-15 % for
+   the reference small model's train step at 64x64 and 128x128).
 2. Every other convolution keeps XLA's forward pass and input gradient, but its
    weight gradient is split into cache-sized pieces. XLA:CPU runs the weight
    gradient of a 3x3 convolution over a large batch x image (the contraction
