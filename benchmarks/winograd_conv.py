@@ -4,8 +4,9 @@ The CPU generator step (train_step.py) is bound by 3x3 convolutions that
 XLA:CPU already runs at a large fraction of this machine's matmul rate, so a
 faster step needs fewer FLOPs: Winograd F(m x m, 3 x 3) does 2.25x (m = 2) or
 4x (m = 4) fewer multiplies, for extra elementwise tile transforms.
-`gsq_jax/cpu_conv.py` uses m = 4 for feature maps of at least
-`WINOGRAD_MIN_PIXELS`; this script is how that threshold was chosen.
+`gsq_jax/cpu_conv.py` uses m = 4 for convolutions of at least
+`WINOGRAD_MIN_PIXELS` output pixels and `WINOGRAD_MIN_FLOPS`; this script is
+how those thresholds were chosen.
 
   python benchmarks/winograd_conv.py              # parity + per-shape forward+backward
   python benchmarks/winograd_conv.py --step 64 128 --min-pixels 1024 999999
@@ -34,7 +35,7 @@ from jax import lax  # noqa: E402
 from gsq_jax import cpu_conv  # noqa: E402
 from gsq_jax.winograd_conv import TRANSFORMS, conv3x3  # noqa: E402
 
-_DIMS = ("NHWC", "HWIO", "NHWC")
+_DIMS = cpu_conv._DIMS  # pylint: disable=protected-access
 
 
 def _lax_conv(x, w):

@@ -117,8 +117,7 @@ def _products(tiles, u, precision):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv3x3(x: jax.Array, w: jax.Array, m: int = 4, precision=None) -> jax.Array:
   """SAME, stride-1 3x3 convolution of NHWC `x` with HWIO `w`; H, W multiples of m."""
-  return _output_transform(_products(_input_transform(x, m), _kernel_transform(w, m),
-                                     precision), m)
+  return _conv3x3_fwd(x, w, m, precision)[0]
 
 
 def _conv3x3_fwd(x, w, m, precision):
