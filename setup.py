@@ -60,9 +60,9 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": [
-        "gsq-prepare=gsq_jax.prepare:main",
-        "gsq-train=gsq_jax.train:main",
-        "gsq-eval=gsq_jax.eval:main",
+        "gsq-prepare=gsq_jax.data.prepare:main",
+        "gsq-train=gsq_jax.training.train:main",
+        "gsq-eval=gsq_jax.evaluation.cli:main",
         "gsq-sweep=gsq_jax.sweeps.launch:main",
         "gsq-collect=gsq_jax.sweeps.collect:main",
     ]},

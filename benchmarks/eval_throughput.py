@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from gsq_jax import input_pipeline
+from gsq_jax.data import input_pipeline
 from gsq_jax.evaluation import evaluator
 from gsq_jax.models import Tokenizer, default_model_config, parameter_counts
 

@@ -13,7 +13,7 @@ the codebook split over "vocab"; impl "unsharded" is the same step on one
 device with the whole codebook, for comparison.
 
 The `*_train` cases are the trainer's whole generator + EMA step
-(gsq_jax.train.build, configs/gsq.py tiny encoder/decoder, MSE + quantizer
+(gsq_jax.training.train.build, configs/gsq.py tiny encoder/decoder, MSE + quantizer
 loss, AdamW) with the same codebooks: impl "sharded" = `mesh.vocab = 8`,
 impl "unsharded" = `mesh.data = 8` (plain data parallelism, every device
 holding the whole codebook, its EMA and Adam moments).
@@ -168,7 +168,9 @@ def run_train_case(name: str, impl: str, repeats: int) -> dict:
 
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   from configs import gsq  # pylint: disable=g-import-not-at-top
-  from gsq_jax import input_pipeline, sharding, train  # pylint: disable=g-import-not-at-top
+  from gsq_jax import sharding
+  from gsq_jax.data import input_pipeline
+  from gsq_jax.training import train  # pylint: disable=g-import-not-at-top
 
   spec = CASES[name]
   v, dim, groups = spec["vocab"], spec["latent_dim"], spec["num_groups"]

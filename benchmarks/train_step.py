@@ -6,7 +6,7 @@ trains this model at 6.4 images/s at 64x64 and 1.3 images/s at 128x128
 channel multipliers [1, 2, 2, 4], one ResBlock per level and mid, D = 16,
 G = 4, V = 4096, adaptive group norm + depth-to-space; batch 8; loss MSE +
 quantizer loss; AdamW (with the recipe's grad clip 2 and EMA 0.999). The timed
-function is the trainer's own jitted step (gsq_jax.steps) on one device.
+function is the trainer's own jitted step (gsq_jax.training.steps) on one device.
 
   python benchmarks/train_step.py                      # 64 and 128, float32
   python benchmarks/train_step.py --res 256 --dtype bfloat16 --model f16   # GPU
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from configs import gsq  # noqa: E402
 from gsq_jax import sharding  # noqa: E402
-from gsq_jax import train  # noqa: E402
+from gsq_jax.training import train  # noqa: E402
 
 # Dense bf16 peak FLOP/s per device kind, for model FLOP utilisation.
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,

@@ -1,10 +1,10 @@
-r"""Winograd 3x3 convolutions on XLA:CPU (gsq_jax/winograd_conv.py): parity and speed.
+r"""Winograd 3x3 convolutions on XLA:CPU (gsq_jax/cpu_kernels/winograd_conv.py): parity and speed.
 
 The CPU generator step (train_step.py) is bound by 3x3 convolutions that
 XLA:CPU already runs at a large fraction of this machine's matmul rate, so a
 faster step needs fewer FLOPs: Winograd F(m x m, 3 x 3) does 2.25x (m = 2) or
 4x (m = 4) fewer multiplies, for extra elementwise tile transforms.
-`gsq_jax/cpu_conv.py` uses m = 4 for convolutions of at least
+`gsq_jax/cpu_kernels/cpu_conv.py` uses m = 4 for convolutions of at least
 `WINOGRAD_MIN_PIXELS` output pixels and `WINOGRAD_MIN_FLOPS`; this script is
 how those thresholds were chosen.
 
@@ -32,8 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
-from gsq_jax import cpu_conv  # noqa: E402
-from gsq_jax.winograd_conv import TRANSFORMS, conv3x3  # noqa: E402
+from gsq_jax.cpu_kernels import cpu_conv  # noqa: E402
+from gsq_jax.cpu_kernels.winograd_conv import TRANSFORMS, conv3x3  # noqa: E402
 
 _DIMS = cpu_conv._DIMS  # pylint: disable=protected-access
 

@@ -2,7 +2,7 @@ r"""Base GSQ tokenizer config; the arg string picks the structure.
 
 Tiny CPU run (2-core laptop: about 2 minutes for 300 steps at 32x32):
 
-  python -m gsq_jax.train --config configs/gsq.py:D=16,G=4,V=4096,f=8,tiny \
+  python -m gsq_jax.training.train --config configs/gsq.py:D=16,G=4,V=4096,f=8,tiny \
       --workdir runs/gsq_tiny
 
 Paper scaling run (GSQ.md §3.6 (C): 256², batch 512, 50k steps, AdamW 2e-4
@@ -48,8 +48,8 @@ if _ROOT not in sys.path:  # `configs` is importable from the checkout root
   sys.path.insert(0, _ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import common
-from gsq_jax import input_pipeline
-from gsq_jax import optim
+from gsq_jax.data import input_pipeline
+from gsq_jax.training import optim
 from gsq_jax import sharding
 from gsq_jax.evaluation import evaluator
 from gsq_jax.models import default_model_config

@@ -400,7 +400,7 @@ def test_plot_groups_and_spatial(tmp_path):
 
 
 def test_plot_training_curves(tmp_path):
-  """The trainer's usage report keys (gsq_jax.steps.usage_report) as metrics.jsonl holds them."""
+  """The trainer's usage report keys (gsq_jax.training.steps.usage_report) as metrics.jsonl holds them."""
   runs = {}
   for name, scale in (("gsq", 1.0), ("ibq", 0.5)):
     workdir = tmp_path / name

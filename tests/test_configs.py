@@ -18,9 +18,9 @@ from configs import gsq  # noqa: E402
 from configs import gsq_gan_256  # noqa: E402
 from configs import gsq_vae_128  # noqa: E402
 from configs import ibq_262144  # noqa: E402
-from gsq_jax import checkpointing  # noqa: E402
-from gsq_jax import optim  # noqa: E402
-from gsq_jax import train  # noqa: E402
+from gsq_jax.training import checkpointing  # noqa: E402
+from gsq_jax.training import optim  # noqa: E402
+from gsq_jax.training import train  # noqa: E402
 from gsq_jax.models import Tokenizer  # noqa: E402
 from gsq_jax.models import parameter_counts_from_config  # noqa: E402
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gsq_jax import weights
+from gsq_jax.models import weights
 from gsq_jax.models import dino
 from gsq_jax.models import discriminators as D
 from gsq_jax.utils import torch_pickle

@@ -16,7 +16,7 @@ from flax import nnx
 from PIL import Image
 import pytest
 
-from gsq_jax import input_pipeline
+from gsq_jax.data import input_pipeline
 from gsq_jax.data import transforms
 from gsq_jax.evaluation import evaluator
 from gsq_jax.evaluation import inception as inception_lib
@@ -225,7 +225,7 @@ def test_missing_image_size_is_reported(tokenizer, config, tmp_path):
 
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
-  from gsq_jax import eval as eval_cli
+  from gsq_jax.evaluation import cli as eval_cli
   for argv in (["--workdir", str(tmp_path / "missing")],
                ["--workdir", str(tmp_path), "--num-images", "0"],
                ["--num-images", "3"]):
@@ -279,9 +279,9 @@ def test_rfid_with_weights_in_the_official_layout(tokenizer, config, images, tmp
 
 def test_gsq_eval_cli_on_a_saved_run(tokenizer, config, tmp_path, capsys):
   """A run directory (config.json + orbax checkpoint) -> gsq-eval -> eval.json + grid."""
-  from gsq_jax import checkpointing
-  from gsq_jax import eval as eval_cli
-  from gsq_jax import writers
+  from gsq_jax.training import checkpointing
+  from gsq_jax.evaluation import cli as eval_cli
+  from gsq_jax.training import writers
   writers.MetricWriter(tmp_path, tensorboard=False).write_config(config)
   params = nnx.state(tokenizer, nnx.Param)
   # Raw weights that differ from the EMA ones, so --no-ema must change the numbers.

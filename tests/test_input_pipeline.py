@@ -1,4 +1,4 @@
-"""Tests for gsq_jax.input_pipeline and gsq_jax.data (sources, transforms)."""
+"""Tests for gsq_jax.data.input_pipeline and gsq_jax.data (sources, transforms)."""
 
 import json
 import logging
@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from gsq_jax import input_pipeline as ip
+from gsq_jax.data import input_pipeline as ip
 from gsq_jax.data import sources
 from gsq_jax.data import transforms
 

@@ -1,4 +1,4 @@
-"""Tests for gsq_jax.losses against hand computations (GSQ.md §3.3)."""
+"""Tests for gsq_jax.training.losses against hand computations (GSQ.md §3.3)."""
 
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gsq_jax import losses
+from gsq_jax.training import losses
 from gsq_jax.models import discriminators
 
 # Two samples, 3 logits each.

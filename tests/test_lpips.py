@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from gsq_jax import losses, weights
+from gsq_jax.models import weights
+from gsq_jax.training import losses
 from gsq_jax.models import lpips
 
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from gsq_jax import sharding
-from gsq_jax import writers
+from gsq_jax.training import writers
 from test_steps import ROOT, run_steps, small_config  # noqa: F401
 
 NUM_PROCESSES = 2
@@ -27,7 +27,8 @@ WORKER = textwrap.dedent("""
     from gsq_jax import sharding
     assert sharding.initialize_distributed(f"127.0.0.1:{{port}}", {n}, pid)
     import jax
-    from gsq_jax import input_pipeline, train
+    from gsq_jax.data import input_pipeline
+    from gsq_jax.training import train
     from test_steps import images, small_config
     assert jax.process_count() == {n} and jax.device_count() == 8
     config = small_config()

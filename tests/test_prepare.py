@@ -1,4 +1,4 @@
-"""Tests for gsq_jax.prepare (gsq-prepare): folder -> tfds ArrayRecord."""
+"""Tests for gsq_jax.data.prepare (gsq-prepare): folder -> tfds ArrayRecord."""
 
 import io
 import pathlib
@@ -9,8 +9,8 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from gsq_jax import input_pipeline as ip
-from gsq_jax import prepare
+from gsq_jax.data import input_pipeline as ip
+from gsq_jax.data import prepare
 from gsq_jax.data import sources
 from gsq_jax.data import transforms
 

@@ -15,12 +15,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import gsq  # noqa: E402
-from gsq_jax import cpu_conv  # noqa: E402
-from gsq_jax import input_pipeline  # noqa: E402
-from gsq_jax import optim  # noqa: E402
+from gsq_jax.cpu_kernels import cpu_conv  # noqa: E402
+from gsq_jax.data import input_pipeline  # noqa: E402
+from gsq_jax.training import optim  # noqa: E402
 from gsq_jax import sharding  # noqa: E402
-from gsq_jax import train  # noqa: E402
-from gsq_jax import winograd_conv  # noqa: E402
+from gsq_jax.training import train  # noqa: E402
+from gsq_jax.cpu_kernels import winograd_conv  # noqa: E402
 from gsq_jax.utils import torch_pickle  # noqa: E402
 
 # The tiny config shrunk to one level (f = 1, hidden 32), 16x16 images, batch 8:

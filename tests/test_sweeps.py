@@ -5,7 +5,7 @@ Two layers:
   into tmp_path that follows the trainer's workdir/exit-code contract without
   JAX), for the cases that would be slow with the real trainer: kill/resume
   bookkeeping, time-outs, retries, crash reasons, the array-task entry point.
-- The real trainer (`python -m gsq_jax.train`, configs/gsq.py:tiny) on the
+- The real trainer (`python -m gsq_jax.training.train`, configs/gsq.py:tiny) on the
   tiny demo sweep: kill the launcher mid-sweep and relaunch, a run with an
   injected NaN, and gsq-collect's table.
 """
@@ -60,7 +60,7 @@ def get_config(arg=""):
   return c
 '''
 
-# TEST-ONLY stand-in for `python -m gsq_jax.train` (never shipped): follows the
+# TEST-ONLY stand-in for `python -m gsq_jax.training.train` (never shipped): follows the
 # API contract's workdir files and exit codes, "trains" by sleeping.
 STAND_IN = '''
 import json, os, signal, sys, time

@@ -16,9 +16,9 @@ from flax import nnx
 from PIL import Image
 import pytest
 
-from gsq_jax import checkpointing
-from gsq_jax import train
-from gsq_jax import writers
+from gsq_jax.training import checkpointing
+from gsq_jax.training import train
+from gsq_jax.training import writers
 from gsq_jax.evaluation import evaluator
 from test_steps import ROOT, SMALL, SMALL_ARG, small_config  # noqa: F401
 
@@ -27,13 +27,13 @@ RUN = {"train.log_every_steps": 1, "train.checkpoint_every_steps": 8,
 
 
 def cli(workdir, overrides) -> list[str]:
-  """`python -m gsq_jax.train` for SMALL_ARG with SMALL and `overrides` as flags."""
+  """`python -m gsq_jax.training.train` for SMALL_ARG with SMALL and `overrides` as flags."""
   flags = []
   for key, value in {**SMALL, **overrides}.items():
     if isinstance(value, tuple):
       value = "(" + ",".join(map(str, value)) + ",)"
     flags.append(f"--config.{key}={value}")
-  return [sys.executable, "-m", "gsq_jax.train", "--config",
+  return [sys.executable, "-m", "gsq_jax.training.train", "--config",
           f"{ROOT}/configs/gsq.py:{SMALL_ARG}", "--workdir", str(workdir), *flags]
 
 

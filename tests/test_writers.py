@@ -1,4 +1,4 @@
-"""Tests for gsq_jax.writers (JSONL/TensorBoard/PNG writer, progress meter)."""
+"""Tests for gsq_jax.training.writers (JSONL/TensorBoard/PNG writer, progress meter)."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from gsq_jax import writers
+from gsq_jax.training import writers
 
 
 def test_jsonl_lines_types_and_nonfinite(tmp_path):

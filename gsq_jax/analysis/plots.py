@@ -265,7 +265,7 @@ def read_metrics(workdir: str | os.PathLike) -> pd.DataFrame:
   """A run's `metrics.jsonl` as a DataFrame sorted by step.
 
   Blank lines and a torn last line (a run still writing) are skipped. The
-  trainer's usage report (gsq_jax.steps.usage_report: usage, perplexity,
+  trainer's usage report (gsq_jax.training.steps.usage_report: usage, perplexity,
   tokens, uniform_usage, ... of the codes picked since the previous log step)
   gets `entropy_bits` = log2(perplexity) added.
   """

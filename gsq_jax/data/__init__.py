@@ -1,9 +1,13 @@
-"""Image data for gsq_jax: where images come from and how they are cropped.
+"""The data pipeline: where images come from, how they are cropped and batched.
 
-* `gsq_jax.data.sources`: random-access image sources (`demo`, `folder:`,
-  `tfds:`), all returning `{"image": bytes | path | uint8 array, "name": ...}`.
-* `gsq_jax.data.transforms`: Pillow decoding and the reference crops.
+Read in this order:
 
-The grain pipeline that batches and shards them is `gsq_jax.input_pipeline`.
-This folder may also hold package data files (JSON/CSV) owned by other modules.
+* `sources.py`: random-access image sources named by one string (`demo`,
+  `folder:`, `tfds:`), all returning `{"image": bytes | path | uint8 array, "name": ...}`.
+* `transforms.py`: Pillow decoding and the reference crops.
+* `input_pipeline.py`: the grain pipelines that batch per host and assemble
+  global, sharded `jax.Array`s (train: infinite and checkpointable; eval: one pass).
+* `prepare.py`: `gsq-prepare`, an image folder -> tfds ArrayRecord data set, without TensorFlow.
+
+This folder also holds package data files (JSON/CSV) owned by other modules.
 """

@@ -228,7 +228,7 @@ class TfdsSource:
       missing = ValueError(
           f"data.source='tfds:{self.name}': no prepared dataset "
           f"{self.name!r} in {where}. Prepare it first (for an image folder: "
-          "`python -m gsq_jax.prepare --src FOLDER --name NAME --data_dir "
+          "`python -m gsq_jax.data.prepare --src FOLDER --name NAME --data_dir "
           "DIR`; for ImageNet, from the manual tarballs with tfds) and pass "
           "its data_dir as data.data_dir.")
       try:

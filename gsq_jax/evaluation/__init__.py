@@ -1,10 +1,18 @@
-"""Evaluation metrics for tokenizer reconstructions.
+"""Evaluation of a trained tokenizer: `gsq-eval` and its metrics.
 
-* `image_metrics`: PSNR (per-image mean and PSNR of the global MSE), SSIM and
+Read in this order:
+
+* `cli.py`: `gsq-eval` / `python -m gsq_jax.evaluation.cli`, restores a run and evaluates it.
+* `eval_config.py`: the `config.eval` block and its checks.
+* `evaluator.py`: the jitted, sharded evaluation pass over a data source.
+
+The metrics it computes:
+
+* `image_metrics.py`: PSNR (per-image mean and PSNR of the global MSE), SSIM and
   MSE as masked clu-metric sums for jitted, sharded evaluation steps.
-* `frechet`: float64 Fréchet distance (eigh route), KID, streaming feature
+* `frechet.py`: float64 Fréchet distance (eigh route), KID, streaming feature
   statistics, and FD-VGG16 (an in-project stand-in, not rFID).
-* `inception`: the pytorch-fid FID Inception-v3 in Flax NNX, its preprocessing
+* `inception.py`: the pytorch-fid FID Inception-v3 in Flax NNX, its preprocessing
   and its hash-checked weight loader; `rfid_status` says whether rFID can be
   computed and, if not, why and how to fix it.
 """

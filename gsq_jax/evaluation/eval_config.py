@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from gsq_jax import input_pipeline
+from gsq_jax.data import input_pipeline
 from gsq_jax.evaluation import inception as inception_lib
 
 INCEPTION_PREPROCESS = inception_lib.PREPROCESS_MODES

@@ -44,8 +44,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 from PIL import Image
 
-from gsq_jax import input_pipeline
-from gsq_jax import writers
+from gsq_jax.data import input_pipeline
+from gsq_jax.training import writers
 from gsq_jax.data import transforms
 from gsq_jax.evaluation import frechet
 from gsq_jax.evaluation.eval_config import (  # noqa: F401  (public here too)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsq_jax import weights
+from gsq_jax.models import weights
 from gsq_jax.utils import torch_pickle
 
 FID_WEIGHTS_FILENAME = weights.KNOWN_WEIGHTS["fid_inception"].filename
@@ -438,7 +438,7 @@ def rfid_status(weights_path: str | os.PathLike | None, *,
   Args:
     weights_path: local path of `pt_inception-2015-12-05-6726825d.pth` (or a
       folder holding it); None searches `$GSQ_JAX_WEIGHTS_DIR` and the torch
-      hub cache (`gsq_jax.weights.find_weights`).
+      hub cache (`gsq_jax.models.weights.find_weights`).
     expected_sha256_prefix: required prefix of the file's sha256. Keep the
       default; None disables the check and exists only for tests with
       synthetic weight files.

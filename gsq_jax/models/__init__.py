@@ -2,6 +2,9 @@
 
 Read in this order: `layers.py` (blocks and init), `encoder.py`, `decoder.py`,
 then `tokenizer.py` (the assembled model, its config block and checks).
+Frozen pretrained networks used by the losses and metrics: `weights.py`
+(finding weight files offline, holding them frozen), `lpips.py`, `dino.py`,
+and the GAN discriminators in `discriminators.py`.
 """
 
 from gsq_jax.models.decoder import Decoder

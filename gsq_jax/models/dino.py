@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gsq_jax import weights as weights_lib
+from gsq_jax.models import weights as weights_lib
 from gsq_jax.utils import torch_pickle
-from gsq_jax.weights import Frozen, frozen_value
+from gsq_jax.models.weights import Frozen, frozen_value
 
 WEIGHT_NAME = "dinov2_vits14_reg"
 LN_EPS = 1e-6

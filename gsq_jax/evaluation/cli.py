@@ -3,7 +3,7 @@
   gsq-eval --workdir DIR [--data SOURCE] [--num-images N] [--ema/--no-ema]
            [--step S] [--out-dir OUT] [--distributed auto|on|off]
 
-Restores the tokenizer of DIR with `gsq_jax.checkpointing.restore_tokenizer`
+Restores the tokenizer of DIR with `gsq_jax.training.checkpointing.restore_tokenizer`
 (EMA weights unless --no-ema; the default is the run's eval.use_ema, True),
 evaluates it with the run's `config.eval` settings
 (`gsq_jax.evaluation.evaluator.run_evaluation`) and writes OUT/eval.json and
@@ -78,13 +78,13 @@ def _config_use_ema(workdir: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Console entry point (`gsq-eval=gsq_jax.eval:main`)."""
+  """Console entry point (`gsq-eval=gsq_jax.evaluation.cli:main`)."""
   parser = build_parser()
   args = parser.parse_args(argv)
   if not os.path.isdir(args.workdir):
     parser.error(f"--workdir {args.workdir!r} is not a directory")
   # Imported here so `--help` and argument errors need no JAX start-up.
-  from gsq_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from gsq_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from gsq_jax import sharding  # pylint: disable=g-import-not-at-top
   from gsq_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
 

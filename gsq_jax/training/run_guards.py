@@ -20,7 +20,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from gsq_jax import input_pipeline
+from gsq_jax.data import input_pipeline
 from gsq_jax.utils.files import atomic_write_json
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -37,7 +37,7 @@ from jax import lax
 import jax.numpy as jnp
 from flax import nnx
 
-from gsq_jax import winograd_conv
+from gsq_jax.cpu_kernels import winograd_conv
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 # Bytes of output gradient (or input, if wider) per piece: a quarter of the

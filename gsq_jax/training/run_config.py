@@ -11,10 +11,10 @@ from typing import Any
 
 import ml_collections
 
-from gsq_jax import optim
+from gsq_jax.training import optim
 from gsq_jax import sharding as sharding_lib
-from gsq_jax import steps
-from gsq_jax import weights as weights_lib
+from gsq_jax.training import steps
+from gsq_jax.models import weights as weights_lib
 from gsq_jax.models import dino as dino_lib
 from gsq_jax.models import parameter_counts_from_config
 from gsq_jax.models import validate_model_config

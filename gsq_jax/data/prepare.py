@@ -1,8 +1,8 @@
 r"""gsq-prepare: image folder -> tfds ArrayRecord dataset, without TensorFlow.
 
-  python -m gsq_jax.prepare --src /data/my_images --name my_images \
+  python -m gsq_jax.data.prepare --src /data/my_images --name my_images \
       --data_dir ~/tensorflow_datasets [--split train] [--labels]
-  python -m gsq_jax.prepare --src train=/data/tr --src validation=/data/va \
+  python -m gsq_jax.data.prepare --src train=/data/tr --src validation=/data/va \
       --name my_images --data_dir DIR
 
 then train with `data.source='tfds:my_images'` (or `tfds:my_images:validation`)
@@ -80,7 +80,7 @@ def _make_builder_class(name: str):
         features["label"] = tfds.features.ClassLabel(names=self._label_names)
       return tfds.core.DatasetInfo(
           builder=self, features=tfds.features.FeaturesDict(features),
-          description="Images prepared from a folder by gsq_jax.prepare.")
+          description="Images prepared from a folder by gsq_jax.data.prepare.")
 
     def _split_generators(self, dl_manager):
       del dl_manager

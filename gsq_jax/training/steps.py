@@ -15,7 +15,7 @@ Everything a step changes lives in one pytree, the train state (a dict):
 
 and everything a step only reads is a second pytree, `consts`: the
 non-parameter variables of the tokenizer (dropout RNG streams), the frozen
-DINO backbone and the frozen LPIPS network (`gsq_jax.weights.Frozen`
+DINO backbone and the frozen LPIPS network (`gsq_jax.models.weights.Frozen`
 variables: never optimised, never checkpointed), and the test hook
 `inject_nan_at_step` (an int32 array, so that using it does not recompile). Networks enter the step as
 `nnx.merge(graphdef, state...)`, never as closures, so XLA sees their weights
@@ -47,8 +47,8 @@ import ml_collections
 from flax import nnx
 import optax
 
-from gsq_jax import losses
-from gsq_jax import optim
+from gsq_jax.training import losses
+from gsq_jax.training import optim
 from gsq_jax import sharding as sharding_lib
 from gsq_jax.quantizers import CodebookCounter
 

@@ -1,13 +1,13 @@
-r"""Trains a GSQ (or IBQ/VQ/FSQ/LFQ) tokenizer: `gsq-train` / `python -m gsq_jax.train`.
+r"""Trains a GSQ (or IBQ/VQ/FSQ/LFQ) tokenizer: `gsq-train` / `python -m gsq_jax.training.train`.
 
-  python -m gsq_jax.train --config configs/gsq.py:D=16,G=4,V=4096,f=8,tiny \
+  python -m gsq_jax.training.train --config configs/gsq.py:D=16,G=4,V=4096,f=8,tiny \
       --workdir runs/gsq_tiny [--config.train.total_steps=100]
 
 The same command runs on one CPU, one GPU node (one process per GPU) or a
 multi-node SLURM / TPU allocation (`jax.distributed.initialize()` with cluster
 auto-detection; `--coordinator_address` overrides, e.g. JSC's "<host>i").
 
-Workdir (other commands rely on it; gsq_jax/checkpointing.py, API contract):
+Workdir (other commands rely on it; gsq_jax/training/checkpointing.py, API contract):
   config.json     resolved config, written at start
   metrics.jsonl   one JSON line per log step (first line: D, G, V, f, params)
   checkpoints/    orbax: params, EMA, optimisers, D, RNG, counter, data position
@@ -47,15 +47,15 @@ from ml_collections import config_flags
 import numpy as np
 from flax import nnx
 
-from gsq_jax import checkpointing
-from gsq_jax import cpu_conv
-from gsq_jax import input_pipeline
-from gsq_jax import optim
-from gsq_jax import run_guards
-from gsq_jax.run_config import paper_symbols, validate_config  # noqa: F401  (public here too)
+from gsq_jax.training import checkpointing
+from gsq_jax.cpu_kernels import cpu_conv
+from gsq_jax.data import input_pipeline
+from gsq_jax.training import optim
+from gsq_jax.training import run_guards
+from gsq_jax.training.run_config import paper_symbols, validate_config  # noqa: F401  (public here too)
 from gsq_jax import sharding as sharding_lib
-from gsq_jax import steps
-from gsq_jax import writers
+from gsq_jax.training import steps
+from gsq_jax.training import writers
 from gsq_jax.evaluation import evaluator
 from gsq_jax.models import Tokenizer
 from gsq_jax.models import discriminators as disc_lib
