@@ -12,8 +12,9 @@ scatters the gradients back to the shards (ZeRO-3 style; see `gather` /
 is split by rows over `vocab` and never gathered: the quantizer becomes its
 vocabulary-sharded twin (quantizers/sharded.py), which sees the tokens of a
 (data, fsdp) slice on every vocab device and reduces the search over `vocab`
-(`quantizer_axes`). All layouts compute the same sums, so losses agree to
-float tolerance.
+(`quantizer_axes`). With vocab = 1 GSQ/VQ/IBQ take the same per-device path
+over the (data, fsdp) tokens, so their chunk loops run over local tokens
+only. All layouts compute the same sums, so losses agree to float tolerance.
 
 The mesh uses *Auto* axis types, not JAX 0.10's default Explicit: the model
 and quantizer code is written without sharding annotations (gathers of a
@@ -48,7 +49,7 @@ import ml_collections
 AXES = ("data", "fsdp", "vocab")
 BATCH_AXES = AXES  # the batch is split over every device
 VOCAB_AXIS = "vocab"
-QUANTIZER_DATA_AXES = ("data", "fsdp")  # the tokens' split inside a vocab-sharded quantizer
+QUANTIZER_DATA_AXES = ("data", "fsdp")  # the tokens' split inside the per-device quantizer
 VOCAB_SHARDABLE = ("gsq", "vq", "ibq")  # quantizers with a vocabulary-sharded twin
 # Arrays smaller than this stay replicated under FSDP: sharding them saves
 # nothing and costs a collective each.
@@ -195,9 +196,16 @@ def validate_mesh(mesh_cfg: Mapping[str, Any], *, num_devices: int, global_batch
                        f"mesh.vocab = {vocab} (each vocab device holds V / mesh.vocab codes)")
 
 
-def quantizer_axes(mesh_cfg: Mapping[str, Any], num_devices: int) -> dict[str, Any]:
-  """The quantizer options a mesh asks for: {} or vocab_axis/data_axis when mesh.vocab > 1."""
-  if mesh_shape(mesh_cfg, num_devices)[AXES.index(VOCAB_AXIS)] == 1:
+def quantizer_axes(quantizer: str) -> dict[str, Any]:
+  """Quantizer options for the trainer's mesh: vocab_axis/data_axis for GSQ/VQ/IBQ, else {}.
+
+  They select the per-device path (quantizers/sharded.py) whatever mesh.vocab
+  is: with vocab = 1 it runs the chunked search and IBQ's chunk loop over each
+  device's own tokens, where the plain quantizer under a batch-sharded jit
+  loops over the global tokens on every device and all-gathers the latent
+  each iteration.
+  """
+  if quantizer not in VOCAB_SHARDABLE:
     return {}
   return {"vocab_axis": VOCAB_AXIS, "data_axis": QUANTIZER_DATA_AXES}
 

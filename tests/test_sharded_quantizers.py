@@ -16,10 +16,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from gsq_jax import sharding
 from gsq_jax.quantizers import (default_quantizer_config, gsq_quantize, ibq_indices, ibq_quantize,
                                 make_quantizer, vq_quantize)
 from gsq_jax.quantizers.modules import spherical_init
-from gsq_jax.quantizers.sharded import (sharded_codes_from_indices, sharded_gsq_quantize,
+from gsq_jax.quantizers.sharded import (runs_per_device, sharded_codes_from_indices, sharded_gsq_quantize,
                                         sharded_ibq_indices, sharded_ibq_quantize,
                                         sharded_vq_quantize)
 
@@ -281,3 +282,94 @@ def test_mesh_argument_and_auto_axes_mesh():
   for out in outs:
     np.testing.assert_array_equal(out.indices, ref.indices)
     np.testing.assert_allclose(out.loss, ref.loss, rtol=1e-6)
+
+
+# ------------------------------------------------- data-parallel quantizer (mesh.vocab = 1)
+
+_WHILE = re.compile(r"= .*\bwhile\(.*\bbody=(%?[\w.\-]+).*\"known_trip_count\":\{\"n\":\"(\d+)\"")
+
+
+def _float_loop_trips(hlo: str) -> set[int]:
+  """Trip counts of the while loops in compiled HLO text that carry floats.
+
+  That leaves out the threefry RNG's rounds (integers only), keeping the
+  quantizers' chunk loops.
+  """
+  headers = {}
+  for block in re.split(r"\n(?=\S)", hlo):  # computations start at column 0
+    name = block.split("(", 1)[0].split()
+    if name:
+      headers[name[-1].lstrip("%")] = block.split("\n", 1)[0]
+  trips = {int(n) for body, n in _WHILE.findall(hlo) if "f32[" in headers[body.lstrip("%")]}
+  assert trips, "no float-carrying while loop with a known trip count in the HLO"
+  return trips
+
+
+def _trainer_quantizer(name, mesh=False, **options):
+  """The quantizer as the trainer builds it (`mesh`: with its mesh options), or the plain one."""
+  cfg = default_quantizer_config(name)
+  cfg.update(options)
+  if mesh:
+    cfg.update(sharding.quantizer_axes(name))
+  groups = 4 if name == "gsq" else 1
+  return make_quantizer(cfg, latent_dim=16, num_groups=groups, codebook_size=V, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name,options,local_chunks", [
+    # 8 x 32 x 32 tokens x 4 groups = 32768 rows, 4096 per device: 2 row chunks of 2048.
+    ("gsq", dict(tie_break="random"), 2),
+    # 8192 tokens, 1024 per device: 16 chunks of 64 (forward and rematerialised backward).
+    ("ibq", dict(chunk_size=64), 16)])
+def test_trainer_quantizer_loops_over_local_tokens_only(name, options, local_chunks):
+  mesh = sharding.make_mesh({"data": 8})
+  batch = sharding.data_sharding(mesh)
+  z = jax.device_put(_normal(20, (8, 32, 32, 16), scale=0.3), batch)
+  w = jax.device_put(_normal(21, z.shape), batch)
+  codebook = _normal(23, (V, 4 if name == "gsq" else 16))
+  if name == "gsq":  # every row has an exact tie (each code twice): random tie-break decides
+    codebook = jnp.concatenate([codebook[: V // 2]] * 2)
+
+  def objective(quantizer):
+    graphdef, state = nnx.split(quantizer)
+    def value(z, codebook):
+      out = nnx.merge(graphdef, jax.tree.map(lambda _: codebook, state))(z, rng=jax.random.key(22))
+      return jnp.sum(out.quantized * w) + out.loss, out
+    return jax.jit(jax.value_and_grad(value, argnums=(0, 1), has_aux=True))
+
+  # The plain quantizer under the same batch-sharded jit: the defect this path fixes.
+  plain = objective(_trainer_quantizer(name, **options))
+  plain_hlo = plain.lower(z, codebook).compile().as_text()
+  assert "all-gather" in plain_hlo
+  assert _float_loop_trips(plain_hlo) == {8 * local_chunks}
+  reference = plain(z, codebook)
+  with jax.set_mesh(mesh):
+    step = objective(_trainer_quantizer(name, mesh=True, **options))
+    hlo = step.lower(z, codebook).compile().as_text()
+    result = step(z, codebook)
+  _assert_same(reference, result, grad_tol=1e-5)
+  if name == "gsq":
+    lower = np.asarray(reference[0][1].indices) < V // 2
+    assert lower.any() and not lower.all()  # ties went both ways
+  # Local chunk counts, and no all-gather anywhere (so none of the latent in a loop).
+  assert _float_loop_trips(hlo) == {local_chunks}
+  assert "all-gather" not in hlo
+
+
+def test_per_device_path_only_where_it_splits_the_work():
+  data = ("data", "fsdp")
+  assert not runs_per_device("vocab", data, 16)  # no mesh set: the plain function
+  with jax.set_mesh(sharding.make_mesh({"data": 8})):
+    assert runs_per_device("vocab", data, 16)
+    assert not runs_per_device("vocab", data, 4)  # 4 rows on 8 devices: plain
+    assert not runs_per_device("model", data, 16)
+  with jax.set_mesh(sharding.make_mesh({"data": 2, "vocab": 4})):
+    assert runs_per_device("vocab", data, 3)  # a split codebook always (its checks raise)
+  with jax.set_mesh(sharding.make_mesh({"data": 1}, jax.devices()[:1])):
+    assert not runs_per_device("vocab", data, 16)  # one device
+  # The trainer's module on a batch that does not split: same values as the plain one.
+  z = _normal(24, (4, 2, 2, 16), scale=0.3)
+  plain = nnx.jit(lambda q, z: q(z))(_trainer_quantizer("ibq"), z)
+  with jax.set_mesh(sharding.make_mesh({"data": 8})):
+    out = nnx.jit(lambda q, z: q(z))(_trainer_quantizer("ibq", mesh=True), z)
+  np.testing.assert_array_equal(out.indices, plain.indices)
+  np.testing.assert_allclose(out.loss, plain.loss, rtol=1e-6)

@@ -228,8 +228,9 @@ def test_mesh_shapes_and_param_specs():
       None, None, None, "fsdp")
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "vocab": 1} and sharding.batch_shards(mesh) == 8
-  assert sharding.quantizer_axes({"data": 2, "fsdp": 4}, 8) == {}
-  assert sharding.quantizer_axes({"data": 2, "vocab": 4}, 8) == {
+  # GSQ/VQ/IBQ run per device on every mesh (vocab = 1 too); FSQ/LFQ have no codebook to split.
+  assert sharding.quantizer_axes("fsq") == sharding.quantizer_axes("lfq") == {}
+  assert sharding.quantizer_axes("gsq") == sharding.quantizer_axes("ibq") == {
       "vocab_axis": "vocab", "data_axis": ("data", "fsdp")}
 
 

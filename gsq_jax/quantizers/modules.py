@@ -15,7 +15,9 @@ it already includes the configured entropy weight.
 GSQ, VQ and IBQ take `vocab_axis` (a mesh axis name) to split the codebook
 over devices (sharded.py), and `data_axis` (the mesh axis or axes the batch
 is split along); the codebook Param then carries the sharding (vocab_axis,
-None), applied at construction when built under `jax.set_mesh(mesh)`.
+None), applied at construction when built under `jax.set_mesh(mesh)`. With a
+vocab axis of size 1 they run data-parallel per device (local token chunks),
+and fall back to the plain function when the batch does not split evenly.
 """
 
 from __future__ import annotations
@@ -70,9 +72,13 @@ def _codebook(init: str, rngs: nnx.Rngs, shape, vocab_axis: str | None = None) -
   return nnx.Param(value, out_sharding=(vocab_axis, None), eager_sharding=eager)
 
 
-def _pick(unsharded: Callable, vocab_sharded: Callable, vocab_axis, data_axis) -> Callable:
-  """The quantizer function, or its vocabulary-sharded twin when `vocab_axis` is set."""
-  if vocab_axis is None:
+def _pick(unsharded: Callable, vocab_sharded: Callable, vocab_axis, data_axis, rows) -> Callable:
+  """The quantizer function, or its per-device twin when the mesh splits the codebook or `rows`.
+
+  `rows` is the input whose leading axis is the batch (see `sharded.runs_per_device`).
+  """
+  batch = rows.shape[0] if rows.ndim >= 2 else None
+  if vocab_axis is None or not sharded.runs_per_device(vocab_axis, data_axis, batch):
     return unsharded
   return functools.partial(vocab_sharded, vocab_axis=vocab_axis, data_axis=data_axis)
 
@@ -100,7 +106,7 @@ class GroupedSphericalQuantizer(nnx.Module):
 
   def __call__(self, z, *, rng=None) -> base.QuantizerOutput:
     quantize = _pick(vector.gsq_quantize, sharded.sharded_gsq_quantize, self.vocab_axis,
-                     self.data_axis)
+                     self.data_axis, z)
     return quantize(
         z, self.codebook[...], num_groups=self.num_groups, l2_normalize=self.l2_normalize,
         commitment_weight=self.commitment_weight, tie_break=self.tie_break, rng=rng,
@@ -108,7 +114,7 @@ class GroupedSphericalQuantizer(nnx.Module):
 
   def decode_indices(self, indices):
     decode = _pick(vector.codes_from_indices, sharded.sharded_codes_from_indices, self.vocab_axis,
-                   self.data_axis)
+                   self.data_axis, indices)
     return decode(self.codebook[...], indices)
 
 
@@ -129,7 +135,7 @@ class VectorQuantizer(nnx.Module):
 
   def __call__(self, z, *, rng=None) -> base.QuantizerOutput:
     quantize = _pick(vector.vq_quantize, sharded.sharded_vq_quantize, self.vocab_axis,
-                     self.data_axis)
+                     self.data_axis, z)
     return _with_group_axis(quantize(
         z, self.codebook[...], l2_normalize=self.l2_normalize, beta=self.beta,
         beta_placement=self.beta_placement, tie_break=self.tie_break, rng=rng,
@@ -137,7 +143,7 @@ class VectorQuantizer(nnx.Module):
 
   def decode_indices(self, indices):
     decode = _pick(vector.codes_from_indices, sharded.sharded_codes_from_indices, self.vocab_axis,
-                   self.data_axis)
+                   self.data_axis, indices)
     return decode(self.codebook[...], indices)
 
 
@@ -164,14 +170,14 @@ class IndexBackpropQuantizer(nnx.Module):
   def __call__(self, z, *, rng=None) -> base.QuantizerOutput:
     del rng  # IBQ's argmax is deterministic.
     quantize = _pick(ibq.ibq_quantize, sharded.sharded_ibq_quantize, self.vocab_axis,
-                     self.data_axis)
+                     self.data_axis, z)
     out = quantize(z, self.codebook[...], **dict(self.options))
     loss = out.loss + self.entropy_loss_weight * out.aux["entropy_loss"]
     return _with_group_axis(out.replace(loss=loss))
 
   def decode_indices(self, indices):
     decode = _pick(vector.codes_from_indices, sharded.sharded_codes_from_indices, self.vocab_axis,
-                   self.data_axis)
+                   self.data_axis, indices)
     return decode(self.codebook[...], indices)
 
 

@@ -39,6 +39,10 @@ Inputs are resharded to these layouts when they arrive otherwise (ideally
 the codebook lives as P(vocab_axis, None) and tokens as P(data_axis));
 mesh axes named neither vocab nor data see replicated work.
 
+A vocab axis of size 1 makes this the data-parallel form of the plain
+quantizers (the trainer's default): the search's row chunks and IBQ's token
+chunks loop over each device's own tokens, with no gathered latent.
+
 Usage:
 
   mesh = jax.make_mesh((2, 4), ("data", "vocab"))
@@ -128,6 +132,28 @@ def as_axes(names: AxisNames) -> tuple[str, ...] | None:
   if names is None:
     return None
   return (names,) if isinstance(names, str) else tuple(names)
+
+
+def runs_per_device(vocab_axis: str, data_axis: AxisNames, batch: int | None, mesh=None) -> bool:
+  """Whether the modules take this per-device path for a leading axis of `batch` rows.
+
+  A codebook split over `vocab_axis` (size > 1) always does (the layout
+  checks raise if the batch does not fit). With a vocab axis of size 1 the
+  path only changes where the work runs, so it is taken when the rows split
+  evenly over more than one device of the data axes; otherwise (no such mesh
+  set, a batch of 4 on 8 devices) the plain quantizer computes the same values.
+  """
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  shape = dict(mesh.shape)
+  if vocab_axis not in shape:
+    return False
+  if shape[vocab_axis] > 1:
+    return True
+  data = as_axes(data_axis) or ()
+  if not data or any(a not in shape for a in data):
+    return False
+  size = math.prod(shape[a] for a in data)
+  return size > 1 and batch is not None and batch % size == 0
 
 
 def _layout(fn: str, mesh, vocab_axis: str, data_axis: AxisNames, z, codebook) -> _Layout:

@@ -126,10 +126,10 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
   d_tx, d_schedule = optim.make_optimizer(config.optim, "discriminator", t.total_steps)
   replicated = sharding_lib.replicated(mesh)
 
-  # mesh.vocab > 1 swaps in the vocabulary-sharded quantizer (config.json keeps
-  # the plain one: a checkpoint restores onto any mesh).
+  # GSQ/VQ/IBQ run per device over the mesh (codebook split when mesh.vocab > 1;
+  # config.json keeps the plain quantizer: a checkpoint restores onto any mesh).
   model_cfg = config.model.copy_and_resolve_references()
-  model_cfg.quantizer.update(sharding_lib.quantizer_axes(config.mesh, mesh.size))
+  model_cfg.quantizer.update(sharding_lib.quantizer_axes(config.model.quantizer.name))
 
   def new_tokenizer():
     return Tokenizer.from_config(model_cfg, rngs=nnx.Rngs(t.seed))
