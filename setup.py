@@ -26,6 +26,9 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     # Site files of the sweep launcher (sweeps/sites/*.yaml).
     "PyYAML",
+    # JAX's bounded compilation cache locks it across processes with it
+    # (gsq_jax/utils/compilation_cache.py).
+    "filelock",
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,7 +1,7 @@
 """`gsq-eval`: evaluate the latest checkpoint of a run directory.
 
   gsq-eval --workdir DIR [--data SOURCE] [--num-images N] [--ema/--no-ema]
-           [--step S] [--out-dir OUT] [--distributed auto|on|off]
+           [--step S] [--out-dir OUT] [--distributed auto|on|off] [--compilation-cache DIR|off]
 
 Restores the tokenizer of DIR with `gsq_jax.training.checkpointing.restore_tokenizer`
 (EMA weights unless --no-ema; the default is the run's eval.use_ema, True),
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                       help="call jax.distributed.initialize(): auto = under SLURM/TPU/MPI or "
                       "when JAX_COORDINATOR_ADDRESS etc. are set (as gsq-train)")
+  parser.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                      help="persistent XLA compilation cache (default: as gsq-train)")
   return parser
 
 
@@ -87,8 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   from gsq_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from gsq_jax import sharding  # pylint: disable=g-import-not-at-top
   from gsq_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  from gsq_jax.utils import compilation_cache  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.INFO)
+  compilation_cache.enable(args.compilation_cache)
   # A multi-host allocation evaluates with every host feeding its share, as training does.
   sharding.initialize_distributed(mode=args.distributed)
   ema = _config_use_ema(args.workdir) if args.ema is None else args.ema

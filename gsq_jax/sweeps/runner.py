@@ -47,6 +47,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gsq_jax.sweeps import manifest as manifest_lib
+from gsq_jax.utils import compilation_cache
 from gsq_jax.utils import files
 
 STATUS_NAME = "status.json"
@@ -353,12 +354,14 @@ def coordinator_env(suffix: str) -> dict[str, str]:
 
 
 def compile_cache_env(root: str | os.PathLike, env: Mapping[str, str]) -> dict[str, str]:
-  """JAX's persistent compilation cache in ROOT/.jax_cache unless the environment sets one.
+  """JAX's persistent compilation cache in ROOT/.jax_cache unless the environment names one.
 
   Shared by a sweep's runs, so a resumed, retried or requeued run (and runs
-  of equal shapes) skip recompiling: minutes per restart at paper scale.
+  of equal shapes) skip recompiling: minutes per restart at paper scale. The
+  trainer turns the cache on (gsq_jax/utils/compilation_cache.py); a set
+  $GSQ_JAX_CACHE_DIR (a directory or "off") is left to it.
   """
-  if "JAX_COMPILATION_CACHE_DIR" in env:
+  if "JAX_COMPILATION_CACHE_DIR" in env or compilation_cache.ENV_DIR in env:
     return {}
   return {"JAX_COMPILATION_CACHE_DIR": str(pathlib.Path(root) / ".jax_cache")}
 

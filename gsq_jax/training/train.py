@@ -63,6 +63,7 @@ from gsq_jax.models import dino as dino_lib
 from gsq_jax.models import lpips as lpips_lib
 from gsq_jax.models import parameter_counts_from_config
 from gsq_jax.models.tokenizer import COMPUTE_DTYPES
+from gsq_jax.utils import compilation_cache
 
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED = 0, 1, 75
 
@@ -404,6 +405,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (defau
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "Call jax.distributed.initialize(): auto = on clusters or "
                                  "when a coordinator/process count is given.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Persistent XLA compilation cache: a directory or 'off' (default: "
+    "$JAX_COMPILATION_CACHE_DIR, $GSQ_JAX_CACHE_DIR, ~/.cache/gsq_jax/xla).")
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -420,6 +424,7 @@ def _main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required")
+  compilation_cache.enable(_COMPILATION_CACHE.value)
   sharding_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                       _PROCESS_ID.value, mode=_DISTRIBUTED.value)
   code = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
