@@ -206,7 +206,7 @@ def import_flex_gen(path: str | os.PathLike) -> reader.ImportedModel:
     except Exception as e:  # pylint: disable=broad-except
       raise reader.CheckpointError(f"{source}: cannot decode the pickled flex_gen config: {e}") from e
     cfg, loss = model_config(args, source)
-    tokenizer = tokenizer_lib.Tokenizer.from_config(cfg, rngs=nnx.Rngs(0))
+    tokenizer = reader.empty_tokenizer(cfg)
     tensors = reader.TensorSet(top["model_state_dict"], source)
     reader.load_params(tokenizer, torch_namer(tokenizer), tensors)
     reader.require_all_taken(tensors)

@@ -110,19 +110,25 @@ def import_ibq(path: str | os.PathLike, *, ema: bool = True,
   source = os.fspath(path)
   with reader.open_tensors(source) as top:
     top = reader.top_level_dict(top, source, ("state_dict",), HINT)
-    tensors = reader.TensorSet(top["state_dict"], source)
-    shapes = {n: tensors.shape(n) for n in tensors.names()}
-    cfg = model_config(shapes, source, resolution)
-    tokenizer = tokenizer_lib.Tokenizer.from_config(cfg, rngs=nnx.Rngs(0))
-    if ema and not any(n.startswith(EMA_PREFIX) for n in shapes):
-      raise reader.CheckpointError(f"{source}: no {EMA_PREFIX}* weights (trained with "
-                                   "use_ema=False?); import the raw weights with --no-ema")
-    reader.load_params(tokenizer, ema_name if ema else raw_name, tensors)
-    # The weight set not chosen must be exactly the other copy of the same parameters.
-    params = [tuple(p) for p, v in nnx.iter_graph(tokenizer) if isinstance(v, nnx.Param)]
-    other = {(raw_name if ema else ema_name)(p) for p in params}
-    reader.require_all_taken(tensors, ignored=lambda n: (
-        n.startswith("loss.") or n.startswith(EMA_PREFIX + "loss") or n in _EMA_BOOKKEEPING
-        or n in other))
+    return from_state_dict(top["state_dict"], source, ema=ema, resolution=resolution)
+
+
+def from_state_dict(state_dict, source: str, *, ema: bool = True,
+                    resolution: int = 256) -> reader.ImportedModel:
+  """`import_ibq` on an already opened state dict {name: tensor} (lazy or numpy)."""
+  tensors = reader.TensorSet(state_dict, source)
+  shapes = {n: tensors.shape(n) for n in tensors.names()}
+  cfg = model_config(shapes, source, resolution)
+  tokenizer = reader.empty_tokenizer(cfg)
+  if ema and not any(n.startswith(EMA_PREFIX) for n in shapes):
+    raise reader.CheckpointError(f"{source}: no {EMA_PREFIX}* weights (trained with "
+                                 "use_ema=False?); import the raw weights with --no-ema")
+  reader.load_params(tokenizer, ema_name if ema else raw_name, tensors)
+  # The weight set not chosen must be exactly the other copy of the same parameters.
+  params = [tuple(p) for p, v in nnx.iter_graph(tokenizer) if isinstance(v, nnx.Param)]
+  other = {(raw_name if ema else ema_name)(p) for p in params}
+  reader.require_all_taken(tensors, ignored=lambda n: (
+      n.startswith("loss.") or n.startswith(EMA_PREFIX + "loss") or n in _EMA_BOOKKEEPING
+      or n in other))
   return reader.ImportedModel(cfg, tokenizer, SOURCE_KIND,
                               {"weights": "ema" if ema else "raw", "resolution": resolution})

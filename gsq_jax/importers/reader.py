@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import json
 import os
 import pickle
 import struct
 import zipfile
 from typing import Any, Callable, Iterator, Mapping
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from gsq_jax.models import tokenizer as tokenizer_lib
 from gsq_jax.utils import torch_pickle
 
 
@@ -92,6 +96,26 @@ class TensorSet:
     return [n for n in self._tensors if n not in self._taken]
 
 
+def empty_tokenizer(model_config: ml_collections.ConfigDict) -> nnx.Module:
+  """The configured Tokenizer without initialised parameters (load_params fills every one).
+
+  Parameters stay shape placeholders (nnx.eval_shape); the other state (RNG
+  streams of dropout) comes from one jitted call, whose parameter init XLA
+  drops as unused. Random init of a large model would cost more than reading it.
+  """
+  build = lambda: tokenizer_lib.Tokenizer.from_config(model_config, rngs=nnx.Rngs(0))
+  graphdef, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  return nnx.merge(graphdef, params, _non_params(model_config.to_json(sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=4)
+def _non_params(model_config_json: str):
+  """The non-parameter state of a config's Tokenizer (cached: same config, same state)."""
+  cfg = ml_collections.ConfigDict(json.loads(model_config_json))
+  build = lambda: tokenizer_lib.Tokenizer.from_config(cfg, rngs=nnx.Rngs(0))
+  return jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+
+
 def _torch_to_flax(owner: nnx.Module, leaf: str, array: np.ndarray) -> np.ndarray:
   if leaf == "kernel" and isinstance(owner, nnx.Conv) and array.ndim == 4:
     return array.transpose(2, 3, 1, 0)
@@ -129,7 +153,7 @@ def load_params(model: nnx.Module, torch_name: Callable[[tuple], str],
       wrong.append(f"{name}: file {tensors.shape(name)} -> {array.shape}, model needs "
                    f"{tuple(var.shape)} ({'/'.join(map(str, path))})")
       continue
-    var.value = jnp.asarray(array, dtype=var.value.dtype)
+    var.value = jnp.asarray(array, dtype=var.dtype)
   if missing or wrong:
     raise CheckpointError(
         f"{tensors.source}: the checkpoint does not fit the model derived from it: "

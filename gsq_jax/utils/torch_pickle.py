@@ -359,7 +359,7 @@ def _load_legacy(f, path, materialize: bool = True) -> Any:
   if not isinstance(magic, int) or magic != LEGACY_MAGIC:
     raise ValueError(f"torch_pickle: {path} is neither a torch zip checkpoint "
                      "nor a legacy torch file (no zip directory, no legacy "
-                     "magic number)")
+                     "magic number): truncated, or not a checkpoint")
   protocol = pickle.load(f)
   if protocol != LEGACY_PROTOCOL:
     raise ValueError(f"torch_pickle: unsupported legacy protocol {protocol}, "
