@@ -68,5 +68,6 @@ setuptools.setup(
         "gsq-eval=gsq_jax.evaluation.cli:main",
         "gsq-sweep=gsq_jax.sweeps.launch:main",
         "gsq-collect=gsq_jax.sweeps.collect:main",
+        "gsq-import=gsq_jax.importers.cli:main",
     ]},
 )

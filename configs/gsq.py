@@ -25,6 +25,9 @@ Arg keys (comma separated, `key=value`, a bare key means True):
   V          codebook size (model.codebook_size); "64k" = 65536, "256k" = 2^18
   f          down-sampling factor (model.downsample_factor): 4, 8, 16 or 32
   quantizer  gsq (default) | vq | ibq | fsq | lfq
+  arch       flex (default; the GSQ paper's network) | ibq (SEED-Voken's IBQ network,
+             model.ibq: 4 ResBlocks per level, attention at 16 of 256, z = D; tiny: 1 block,
+             no level attention). Any quantizer goes into either network.
   res        training image size (default 256; tiny: 32)
   disc       none | patchgan | dino (default dino; tiny: none)
   seed       train.seed
@@ -65,7 +68,7 @@ MULTIPLIERS = {
 }
 
 ARG_DEFAULTS = dict(D=16, G=1, V=8192, f=8, quantizer="gsq", res=0, disc="", seed=0,
-                    tiny=False)
+                    tiny=False, arch="flex")
 
 
 def multipliers_for(f: int) -> tuple[int, ...]:
@@ -91,6 +94,14 @@ def model_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m.latent_dim = arg.D
   m.num_groups = arg.G
   m.downsample_factor = arg.f
+  if arg.arch not in ("flex", "ibq"):
+    raise ValueError(f"config arg arch={arg.arch!r}: use flex or ibq")
+  m.architecture = arg.arch
+  if arg.arch == "ibq":
+    m.use_adaptive_norm = m.use_depth_to_space = False
+    m.ibq.z_channels = arg.D  # IBQ's released models: z_channels = embed_dim
+    if arg.tiny:
+      m.ibq.num_res_blocks, m.ibq.attn_resolutions = 1, ()
   m.quantizer = default_quantizer_config(arg.quantizer)
   if arg.quantizer == "lfq":
     m.codebook_size = 2 ** arg.D

@@ -1,21 +1,21 @@
 r"""IBQ-GAN at V = 2^18 (QUANTIZERS.md §2, SEED-Voken imagenet_ibqgan_262144.yaml).
 
-The IBQ recipe on this project's encoder/decoder: f = 16 (hidden 128,
-cm [1, 1, 2, 2, 4]), D = 256, V = 262144, IBQ quantizer (N(0, 1) codebook,
-index back-propagation, beta 0.25, entropy loss 0.05 at T = 0.01); loss
-L1 + 1.0 VGG-LPIPS (published [-1, 1] convention) + 1.0 L_q + 0.1
-non-saturating G loss; PatchGAN (ndf 64, 3 layers) with hinge loss and LeCam
-0.05 (decay 0.999) on [-1, 1] images; each iteration runs the D step first,
-then the G step, on one batch; Adam lr 1e-4 betas (0.5, 0.9), no weight decay,
-no clipping, lr x0.1 after epochs 250 and 300; EMA 0.999; batch 256, 330
-epochs (1.65M steps); train crop: resize shorter side 256 + random crop.
-
-Differences from SEED-Voken's network, which this project's tokenizer does
-not have: 4 encoder / 5 decoder ResBlocks per level are kept, but attention
-sits only between the mid ResBlocks (IBQ also attends at 16² inside the last
-level), GroupNorm eps is 1e-5 (IBQ 1e-6), the stride-2 convs pad
-symmetrically, and there is no quant_conv / post_quant_conv. Precision: IBQ
-used fp16 AMP; bf16 here.
+The IBQ recipe in IBQ's own network (model.architecture = "ibq",
+gsq_jax/models/ibq_network.py; Open-MAGVIT2/taming style): f = 16 (ch 128,
+ch_mult [1, 1, 2, 2, 4]), 4 ResBlocks per encoder level (5 per decoder
+level), attention after each block of the 16² level and in the mid, GroupNorm
+eps 1e-6, z_channels = D = 256 around 1x1 quant_conv / post_quant_conv,
+V = 262144, IBQ quantizer (N(0, 1) codebook, index back-propagation, beta
+0.25, entropy loss 0.05 at T = 0.01): 173,896,579 parameters (encoder
+46,818,048, decoder 59,969,667, codebook 67,108,864), as the released
+checkpoint; loss L1 + 1.0 VGG-LPIPS (published [-1, 1] convention) + 1.0 L_q
++ 0.1 non-saturating G loss; PatchGAN (ndf 64, 3 layers) with hinge loss and
+LeCam 0.05 (decay 0.999) on [-1, 1] images; each iteration runs the D step
+first, then the G step, on one batch; Adam lr 1e-4 betas (0.5, 0.9), no weight
+decay, no clipping, lr x0.1 after epochs 250 and 300; EMA 0.999; batch 256,
+330 epochs (1.65M steps); train crop: resize shorter side 256 + random crop.
+Precision: IBQ used fp16 AMP; bf16 here. `--config.model.architecture=flex`
+puts the same quantizer into the GSQ paper's network instead.
 
 Arg keys as configs/gsq.py (D, V, f, seed; defaults D=256,V=262144,f=16).
 Launch (one 8-GPU node):
@@ -47,21 +47,13 @@ STEPS_PER_EPOCH = 5005  # 1,281,167 images / 256
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   parsed = common.parse_arg(arg, **DEFAULTS)
-  for key in ("res", "disc", "tiny", "quantizer", "G"):
+  for key in ("res", "disc", "tiny", "quantizer", "G", "arch"):
     if parsed[key] != DEFAULTS[key]:
       raise ValueError(f"config arg {key}: configs/ibq_262144.py pins the IBQ recipe "
                        "(IBQ quantizer, G = 1, 256², PatchGAN); use configs/gsq.py for "
                        "other settings")
   structure = ",".join(f"{k}={parsed[k]}" for k in ("D", "V", "f", "seed"))
-  config = gsq.get_config(structure + ",quantizer=ibq,G=1,res=256,disc=patchgan")
-
-  m = config.model
-  levels = len(m.channel_multipliers)
-  m.encoder_layer_configs = (4,) * levels + (2,)
-  m.decoder_layer_configs = (5,) * levels + (2,)
-  m.mid_block_attn = True
-  m.use_adaptive_norm = False
-  m.use_depth_to_space = False
+  config = gsq.get_config(structure + ",quantizer=ibq,G=1,res=256,disc=patchgan,arch=ibq")
 
   t = config.train
   t.global_batch_size = 256

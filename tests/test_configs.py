@@ -121,6 +121,13 @@ def test_paper_recipes():
   m = ibq.model
   assert (m.quantizer.name, m.latent_dim, m.codebook_size, m.downsample_factor) == (
       "ibq", 256, 2 ** 18, 16)
+  # IBQ's own network, sized as the released 2^18 tokenizer (SEED-Voken ddconfig).
+  assert m.architecture == "ibq" and tuple(m.channel_multipliers) == (1, 1, 2, 2, 4)
+  assert (m.hidden_channels, m.ibq.num_res_blocks, tuple(m.ibq.attn_resolutions),
+          m.ibq.resolution, m.ibq.z_channels) == (128, 4, (16,), 256, 256)
+  assert parameter_counts_from_config(m) == {
+      "encoder": 46_818_048, "decoder": 59_969_667, "quantizer": 2 ** 18 * 256,
+      "total": 173_896_579}
   assert ibq.train.gd_order == "d_then_g" and not ibq.train.two_batches_per_step
   assert ibq.optim.grad_clip_norm == 0 and ibq.optim.generator.weight_decay == 0
   assert (ibq.optim.generator.b1, ibq.optim.generator.b2) == (0.5, 0.9)

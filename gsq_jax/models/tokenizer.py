@@ -9,6 +9,11 @@ An image batch (B, H, W, 3) in [-1, 1] travels as
 and the discrete view of the same path is `encode_to_indices` (B, h, w, G)
 int32 and `decode_from_indices`. The "model" config block and its checks live
 here too, so every architectural choice is one named config field.
+
+Two network families share this interface (`model.architecture`): "flex", the
+GSQ paper's FlexTokenizer layout (encoder.py / decoder.py), and "ibq", the
+Open-MAGVIT2/taming network IBQ was trained in (ibq_network.py, options in
+`model.ibq`). Any quantizer goes into either.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from flax import nnx
 from gsq_jax.models import layers
 from gsq_jax.models.decoder import Decoder
 from gsq_jax.models.encoder import Encoder
+from gsq_jax.models.ibq_network import IBQDecoder
+from gsq_jax.models.ibq_network import IBQEncoder
 from gsq_jax.quantizers import default_quantizer_config
 from gsq_jax.quantizers import make_quantizer
 from gsq_jax.quantizers import QuantizerOutput
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ARCHITECTURES = ("flex", "ibq")
 
 
 # ---------------------------------------------------------------------------
@@ -43,6 +51,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   in the comments for traceability.
   """
   cfg = ml_collections.ConfigDict()
+  cfg.architecture = "flex"  # "flex" (FlexTokenizer layout) or "ibq" (SEED-Voken's network)
   cfg.hidden_channels = 128
   cfg.channel_multipliers = (1, 2, 2, 4)
   cfg.encoder_layer_configs = (2, 2, 2, 2, 2)  # per level, last = mid blocks
@@ -57,6 +66,36 @@ def default_model_config() -> ml_collections.ConfigDict:
   cfg.dropout = 0.0
   cfg.dtype = "float32"  # compute dtype; parameters are always float32
   cfg.quantizer = default_quantizer_config("gsq")  # GSQ with l2 on (the paper's setting)
+  # architecture="ibq" only (it ignores the layer configs, AGN, D2S and mid_block_attn).
+  cfg.ibq = default_ibq_config()
+  return cfg
+
+
+def default_ibq_config() -> ml_collections.ConfigDict:
+  """IBQ's released network options (imagenet_ibqgan_*.yaml ddconfig)."""
+  return ml_collections.ConfigDict(dict(
+      num_res_blocks=4,  # per encoder level; the decoder has one more
+      attn_resolutions=(16,),  # attention after each block of a level at this resolution
+      resolution=256,  # nominal input size that names the levels' resolutions
+      z_channels=256,  # encoder output / decoder input, around the 1x1 quant convs
+  ))
+
+
+def ibq_model_config(*, hidden_channels: int = 128, channel_multipliers=(1, 1, 2, 2, 4),
+                     latent_dim: int = 256, codebook_size: int = 262144,
+                     **ibq_options) -> ml_collections.ConfigDict:
+  """A model block for the IBQ network (default: the released IBQ 2^18 tokenizer)."""
+  cfg = default_model_config()
+  cfg.architecture = "ibq"
+  cfg.hidden_channels = hidden_channels
+  cfg.channel_multipliers = tuple(channel_multipliers)
+  levels = len(cfg.channel_multipliers)
+  cfg.encoder_layer_configs = cfg.decoder_layer_configs = (2,) * (levels + 1)  # unused
+  cfg.downsample_factor = 2 ** (levels - 1)
+  cfg.latent_dim, cfg.num_groups, cfg.codebook_size = latent_dim, 1, codebook_size
+  cfg.use_adaptive_norm = cfg.use_depth_to_space = False
+  cfg.quantizer = default_quantizer_config("ibq")
+  cfg.ibq.update(ibq_options)
   return cfg
 
 
@@ -81,6 +120,9 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
   for field in required:
     if field not in cfg:
       _fail(field, "is missing; see gsq_jax.models.tokenizer.default_model_config()")
+  architecture = cfg.get("architecture", "flex")
+  if architecture not in ARCHITECTURES:
+    _fail("architecture", f"must be one of {ARCHITECTURES}, got {architecture!r}")
 
   hidden = cfg.hidden_channels
   if not isinstance(hidden, int) or hidden <= 0:
@@ -92,12 +134,15 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
             f"hidden_channels * multiplier = {hidden} * {m} = {hidden * m} must be divisible "
             f"by {layers.NORM_GROUPS} (GroupNorm groups); use a multiple of "
             f"{layers.NORM_GROUPS} for hidden_channels")
-  for field in ("encoder_layer_configs", "decoder_layer_configs"):
+  if architecture == "ibq":
+    _validate_ibq(cfg)
+  flex_layer_fields = ("encoder_layer_configs", "decoder_layer_configs")
+  for field in flex_layer_fields if architecture == "flex" else ():
     counts = _int_list(cfg, field, 0)
     if len(counts) != len(multipliers) + 1:
       _fail(field, f"needs len(channel_multipliers) + 1 = {len(multipliers) + 1} entries "
             f"(one ResBlock count per level, then the number of mid blocks), got {len(counts)}")
-  if cfg.mid_block_attn and min(cfg.encoder_layer_configs[-1],
+  if architecture == "flex" and cfg.mid_block_attn and min(cfg.encoder_layer_configs[-1],
                                 cfg.decoder_layer_configs[-1]) < 2:
     _fail("mid_block_attn", "attention sits between consecutive mid ResBlocks, so it needs "
           ">= 2 mid blocks (last entry of the layer configs); add blocks or set it False")
@@ -132,6 +177,18 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
           "and that quantizer's options")
 
 
+def _validate_ibq(cfg: ml_collections.ConfigDict) -> None:
+  ibq = cfg.get("ibq")
+  if not isinstance(ibq, ml_collections.ConfigDict):
+    _fail("ibq", "architecture 'ibq' needs the `ibq` block; see default_ibq_config()")
+  for field in ("num_res_blocks", "resolution", "z_channels"):
+    if not isinstance(ibq.get(field), int) or ibq.get(field) < 1:
+      _fail(f"ibq.{field}", f"must be a positive integer, got {ibq.get(field)!r}")
+  res = ibq.get("attn_resolutions")
+  if not isinstance(res, (list, tuple)) or not all(isinstance(r, int) for r in res):
+    _fail("ibq.attn_resolutions", f"must be a list of integers (may be empty), got {res!r}")
+
+
 # ---------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------
@@ -152,14 +209,23 @@ class Tokenizer(nnx.Module):
     """Builds the tokenizer described by a "model" config block (validated first)."""
     validate_model_config(cfg)
     dtype = COMPUTE_DTYPES[cfg.dtype]
+    quantizer = make_quantizer(cfg.quantizer, latent_dim=cfg.latent_dim,
+                               num_groups=cfg.num_groups, codebook_size=cfg.codebook_size,
+                               rngs=rngs)
+    if cfg.get("architecture", "flex") == "ibq":
+      shared = dict(hidden_channels=cfg.hidden_channels,
+                    channel_multipliers=tuple(cfg.channel_multipliers),
+                    num_res_blocks=cfg.ibq.num_res_blocks,
+                    attn_resolutions=tuple(cfg.ibq.attn_resolutions),
+                    resolution=cfg.ibq.resolution, z_channels=cfg.ibq.z_channels,
+                    latent_dim=cfg.latent_dim, dropout=float(cfg.dropout), dtype=dtype, rngs=rngs)
+      return cls(IBQEncoder(**shared), quantizer, IBQDecoder(**shared),
+                 downsample_factor=cfg.downsample_factor)
     shared = dict(hidden_channels=cfg.hidden_channels,
                   channel_multipliers=tuple(cfg.channel_multipliers),
                   latent_dim=cfg.latent_dim, mid_block_attn=cfg.mid_block_attn,
                   dropout=float(cfg.dropout), dtype=dtype, rngs=rngs)
     encoder = Encoder(layer_configs=tuple(cfg.encoder_layer_configs), **shared)
-    quantizer = make_quantizer(cfg.quantizer, latent_dim=cfg.latent_dim,
-                               num_groups=cfg.num_groups, codebook_size=cfg.codebook_size,
-                               rngs=rngs)
     decoder = Decoder(layer_configs=tuple(cfg.decoder_layer_configs),
                       use_adaptive_norm=cfg.use_adaptive_norm,
                       use_depth_to_space=cfg.use_depth_to_space, **shared)

@@ -9,6 +9,10 @@ A checkpoint (WORKDIR/checkpoints/<step>/) holds four orbax items:
              LeCam EMAs, the codebook-usage counter
   data_iter  the grain iterator position of every process
 
+A weights-only checkpoint (params + ema, written by `save_weights`, e.g. by
+gsq-import) is a starting point, not a run to resume: gsq-train loads its
+weights into a fresh train state (new optimiser, step 0) and fine-tunes.
+
 Frozen pretrained weights (LPIPS, the DINO backbone) are never saved: they are
 read from their files at start-up. Saving is asynchronous (the arrays are
 copied off the devices, then written by a background thread), atomic (orbax
@@ -88,6 +92,21 @@ class Checkpointer:
     if saved:
       logging.info("Checkpoint of step %d started in %s", step, self.directory)
     return saved
+
+  def save_weights(self, step: int, params: Any, ema: Any) -> None:
+    """Saves only the model items (a checkpoint to fine-tune or evaluate, not to resume)."""
+    args = {"params": ocp.args.StandardSave(params), "ema": ocp.args.StandardSave(ema)}
+    self.manager.save(int(step), args=ocp.args.Composite(**args), force=True)
+
+  def has_train_state(self, step: int) -> bool:
+    """False for a weights-only checkpoint (no optimiser state / data position to resume)."""
+    return (self.directory / str(int(step)) / "train").is_dir()
+
+  def restore_weights(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
+    """`target` with its params and EMA replaced by those saved at `step`."""
+    args = {k: ocp.args.StandardRestore(abstract_like(target[k])) for k in MODEL_ITEMS}
+    restored = self.manager.restore(int(step), args=ocp.args.Composite(**args))
+    return {**target, **{k: restored[k] for k in MODEL_ITEMS}}
 
   def restore(self, step: int, target: dict[str, Any],
               data_iter: grain.DatasetIterator | None = None) -> dict[str, Any]:

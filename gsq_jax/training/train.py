@@ -290,7 +290,11 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
     state = run.state
     ckpt = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints)
     start = ckpt.latest_step()
-    if start is not None:
+    if start is not None and not ckpt.has_train_state(start):
+      # Imported (gsq-import) or exported weights: fine-tune them from a fresh train state.
+      logging.info("Fine-tuning the weights of the weights-only checkpoint of step %d", start)
+      state = ckpt.restore_weights(start, state)
+    elif start is not None:
       logging.info("Resuming from the checkpoint of step %d", start)
       state = ckpt.restore(start, state, data_iter)
     start = int(state["step"])

@@ -5,7 +5,9 @@ are published as `torch.save` files. This module reads them into numpy arrays
 so gsq_jax never needs torch. Two container formats exist:
 
 * zip (torch >= 1.6): `<root>/data.pkl` is a pickle whose tensors refer, via
-  `persistent_load`, to raw little-endian storages `<root>/data/<key>`.
+  `persistent_load`, to raw little-endian storages `<root>/data/<key>`. The
+  root folder is free (`archive/` from a buffer save, the file stem from a
+  path save), so it is found, not assumed.
 * legacy (magic number 0x1950a86a20f9469cfc6c): five consecutive pickles
   (magic, protocol 1001, system info, the object, the list of storage keys),
   followed by each storage as an int64 element count and its raw bytes.
@@ -13,20 +15,31 @@ so gsq_jax never needs torch. Two container formats exist:
 Tensors are pickled as `torch._utils._rebuild_tensor_v2(storage, offset,
 size, stride, ...)`; we rebuild them with numpy strides, so views with offsets
 and non-contiguous strides (and several tensors sharing one storage) come out
-right. Unpickling is restricted to an allow-list of globals, so a checkpoint
-cannot run arbitrary code.
+right. Protocol-2 pickles spell a `bytes` object as `_codecs.encode(str,
+'latin1')` (flex_gen's pickled `config`); that one call is allowed.
+
+Safety: unpickling is restricted to an explicit allow-list of globals
+(`AllowListUnpickler`): pickle resolves a global before it can call it, so a
+file naming anything else (`os.system`, `builtins.eval`, ...) is refused with
+an error naming the file and the global before any of it runs.
+
+Memory: `open_checkpoint` keeps a zip open and returns `LazyTensor` leaves
+that read their storage only when materialised, one at a time, so an
+importer holds the converted weights plus one tensor in flight rather than the
+whole file twice.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import os
 import pickle
 import struct
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -73,16 +86,19 @@ class _StorageType:
 class _Storage:
   """A flat typed buffer; `data` is filled when its bytes are read."""
 
-  def __init__(self, dtype: np.dtype, numel: int):
+  def __init__(self, dtype: np.dtype, numel: int, reader=None):
     self.dtype = dtype
     self.numel = numel
     self.data: np.ndarray | None = None
+    self.reader = reader  # zip: reads the bytes on demand, nothing cached
     self.base: _Storage | None = None  # legacy views: (base, element offset)
     self.base_offset = 0
 
   def array(self) -> np.ndarray:
     if self.base is not None:
       return self.base.array()[self.base_offset:self.base_offset + self.numel]
+    if self.data is None and self.reader is not None:
+      return self.reader()
     if self.data is None:
       raise ValueError("torch_pickle: a tensor refers to a storage whose data "
                        "was never read (truncated or corrupt file)")
@@ -90,11 +106,20 @@ class _Storage:
 
 
 @dataclasses.dataclass
-class _LazyTensor:
+class LazyTensor:
+  """A tensor of a checkpoint whose bytes are read by `materialize()`."""
   storage: _Storage
   offset: int
   size: tuple[int, ...]
   stride: tuple[int, ...]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(int(s) for s in self.size)
+
+  @property
+  def dtype(self) -> np.dtype:
+    return self.storage.dtype
 
   def materialize(self) -> np.ndarray:
     flat = self.storage.array()
@@ -118,11 +143,11 @@ class _LazyTensor:
 def _rebuild_tensor_v2(storage, storage_offset, size, stride,
                        requires_grad=False, backward_hooks=None, metadata=None):
   del requires_grad, backward_hooks, metadata
-  return _LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+  return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
-  return _LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+  return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -133,6 +158,15 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 def _rebuild_from_type_v2(func, new_type, args, state):
   del new_type, state
   return func(*args)
+
+
+def _latin1_encode(text, encoding="latin1"):
+  """`_codecs.encode` as protocol-2 pickles use it for `bytes`; other codecs refused."""
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+    raise pickle.UnpicklingError(
+        f"torch_pickle: _codecs.encode is only allowed as the protocol-2 spelling of bytes "
+        f"(a str with 'latin1'), got {type(text).__name__} with {encoding!r}")
+  return text.encode("latin1")
 
 
 class _Placeholder:
@@ -155,14 +189,45 @@ _TORCH_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
+    ("_codecs", "encode"): _latin1_encode,
 }
 
 
-class _Unpickler(pickle.Unpickler):
-  """Allow-listed unpickler; storages come from `storage_for(pid)`."""
+class AllowListUnpickler(pickle.Unpickler):
+  """An unpickler that resolves only the globals in `allowed`.
 
-  def __init__(self, file, storage_for):
+  `allowed` maps (module, name) to the object to use instead; anything else
+  raises `pickle.UnpicklingError` naming `source` (the file) and the global.
+  Pickle resolves a global (GLOBAL/STACK_GLOBAL) before it can call it, so a
+  refused callable never runs. `persistent_load` is refused unless a subclass
+  defines it.
+  """
+
+  def __init__(self, file, allowed: Mapping[tuple[str, str], Any], source: str = "<pickle>"):
     super().__init__(file)
+    self._allowed = allowed
+    self.source = source
+
+  def find_class(self, module: str, name: str):
+    if (module, name) in self._allowed:
+      return self._allowed[(module, name)]
+    raise self.refuse(module, name)
+
+  def refuse(self, module: str, name: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(
+        f"{self.source}: refusing to load global {module}.{name}: it is not on the "
+        "allow-list of a weights-only checkpoint (a pickle that names it could run code); "
+        "only tensors, containers and known config classes can be read without torch")
+
+  def persistent_load(self, pid):
+    raise pickle.UnpicklingError(f"{self.source}: unexpected persistent id {pid!r}")
+
+
+class _Unpickler(AllowListUnpickler):
+  """Torch's allow-list; storages come from `storage_for(pid)`."""
+
+  def __init__(self, file, storage_for, source: str = "<pickle>"):
+    super().__init__(file, _TORCH_GLOBALS, source)
     self._storage_for = storage_for
 
   def find_class(self, module: str, name: str):
@@ -175,15 +240,13 @@ class _Unpickler(pickle.Unpickler):
       return getattr(numpy_multiarray, name)
     if module == "numpy" and name in ("ndarray", "dtype"):
       return getattr(np, name)
-    if module.startswith("numpy") and name.endswith("DType"):
+    if module.startswith("numpy") and name.endswith("DType") and hasattr(np.dtypes, name):
       return getattr(np.dtypes, name)
-    raise pickle.UnpicklingError(
-        f"torch_pickle: refusing to load global {module}.{name} (not a plain "
-        "tensor/state-dict checkpoint; only weights can be read without torch)")
+    raise self.refuse(module, name)
 
   def persistent_load(self, pid):
     if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
-      raise pickle.UnpicklingError(f"torch_pickle: unsupported persistent id {pid!r}")
+      raise pickle.UnpicklingError(f"{self.source}: unsupported persistent id {pid!r}")
     return self._storage_for(pid)
 
 
@@ -196,8 +259,8 @@ def _storage_dtype(storage_type) -> np.dtype:
 
 
 def _materialize(obj):
-  """Replaces every `_LazyTensor` in a nest of containers by its numpy array."""
-  if isinstance(obj, _LazyTensor):
+  """Replaces every `LazyTensor` in a nest of containers by its numpy array."""
+  if isinstance(obj, LazyTensor):
     return obj.materialize()
   if isinstance(obj, collections.OrderedDict):
     return collections.OrderedDict((k, _materialize(v)) for k, v in obj.items())
@@ -210,40 +273,85 @@ def _materialize(obj):
   return obj
 
 
-def _load_zip(path) -> Any:
-  with zipfile.ZipFile(path) as zf:
-    names = zf.namelist()
-    pkls = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
-    if len(pkls) != 1:
-      raise ValueError(f"torch_pickle: {path} is a zip file but not a torch "
-                       f"checkpoint (expected one '<root>/data.pkl', found {pkls})")
-    root = pkls[0][:-len("data.pkl")]
-    byteorder = "little"
-    if root + "byteorder" in names:
-      byteorder = zf.read(root + "byteorder").decode().strip()
-    storages: dict[str, _Storage] = {}
-
-    def storage_for(pid):
-      _, storage_type, key, _location, numel = pid[:5]
-      dtype = _storage_dtype(storage_type)
-      if key not in storages:
-        raw = zf.read(f"{root}data/{key}")
-        dt = dtype.newbyteorder(">") if byteorder == "big" and dtype.itemsize > 1 else dtype
-        arr = np.frombuffer(raw, dtype=dt)
-        if dt is not dtype:
-          arr = arr.astype(dtype)
-        st = _Storage(dtype, arr.size)
-        st.data = arr
-        storages[key] = st
-        del numel  # the element count is implied by the stored bytes
-      return storages[key]
-
-    with zf.open(pkls[0]) as f:
-      obj = _Unpickler(io.BytesIO(f.read()), storage_for).load()
-    return _materialize(obj)
+def _zip_root(zf: zipfile.ZipFile, path) -> str:
+  """The folder holding `data.pkl` (any name: torch uses the file stem or 'archive')."""
+  pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+  if len(pkls) != 1:
+    raise ValueError(f"torch_pickle: {path} is a zip file but not a torch "
+                     f"checkpoint (expected one '<root>/data.pkl', found {pkls})")
+  return pkls[0][:-len("data.pkl")]
 
 
-def _load_legacy(f, path) -> Any:
+def _read_storage(zf: zipfile.ZipFile, name: str, dtype: np.dtype, byteorder: str,
+                  path) -> np.ndarray:
+  try:
+    raw = zf.read(name)
+  except KeyError as e:
+    raise ValueError(f"torch_pickle: {path} has no storage record {name!r} "
+                     "(truncated or corrupt file)") from e
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    raise ValueError(f"torch_pickle: cannot read {name!r} from {path}: {e} "
+                     "(truncated or corrupt file)") from e
+  if len(raw) % dtype.itemsize:
+    raise ValueError(f"torch_pickle: storage {name!r} of {path} has {len(raw)} bytes, not a "
+                     f"multiple of {dtype.itemsize} (corrupt file)")
+  if byteorder == "big" and dtype.itemsize > 1:
+    return np.frombuffer(raw, dtype=dtype.newbyteorder(">")).astype(dtype)
+  return np.frombuffer(raw, dtype=dtype)
+
+
+def _unpickle_zip(zf: zipfile.ZipFile, path) -> Any:
+  """The top-level object of an open zip checkpoint, with `LazyTensor` leaves."""
+  root = _zip_root(zf, path)
+  names = set(zf.namelist())
+  byteorder = "little"
+  if root + "byteorder" in names:
+    byteorder = zf.read(root + "byteorder").decode().strip()
+  storages: dict[str, _Storage] = {}
+
+  def storage_for(pid):
+    _, storage_type, key, _location, numel = pid[:5]
+    dtype = _storage_dtype(storage_type)
+    if key not in storages:
+      name = f"{root}data/{key}"
+      if name not in names:
+        raise ValueError(f"torch_pickle: {path} has no storage record {name!r} "
+                         "(truncated or corrupt file)")
+      storages[key] = _Storage(dtype, int(numel), reader=lambda: _read_storage(
+          zf, name, dtype, byteorder, path))
+    return storages[key]
+
+  try:
+    data = zf.read(root + "data.pkl")
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    raise ValueError(f"torch_pickle: cannot read {root}data.pkl from {path}: {e} "
+                     "(truncated or corrupt file)") from e
+  return _Unpickler(io.BytesIO(data), storage_for, source=str(path)).load()
+
+
+@contextlib.contextmanager
+def open_checkpoint(path: str | os.PathLike) -> Iterator[Any]:
+  """Yields a checkpoint's top-level object with `LazyTensor` leaves (zip or legacy).
+
+  Inside the `with` block `leaf.materialize()` reads one tensor from the file;
+  nothing else is held. (Legacy files store their storages after the pickle,
+  so they are read whole.)
+  """
+  path = os.fspath(path)
+  if zipfile.is_zipfile(path):
+    try:
+      zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+      raise ValueError(f"torch_pickle: {path} is not a readable zip file: {e} "
+                       "(truncated or corrupt)") from e
+    with zf:
+      yield _unpickle_zip(zf, path)
+    return
+  with open(path, "rb") as f:
+    yield _load_legacy(f, path, materialize=False)
+
+
+def _load_legacy(f, path, materialize: bool = True) -> Any:
   try:
     magic = pickle.load(f)
   except Exception as e:  # any garbage: not a pickle at all
@@ -251,7 +359,7 @@ def _load_legacy(f, path) -> Any:
   if not isinstance(magic, int) or magic != LEGACY_MAGIC:
     raise ValueError(f"torch_pickle: {path} is neither a torch zip checkpoint "
                      "nor a legacy torch file (no zip directory, no legacy "
-                     "magic number)")
+                     "magic number): truncated, or not a checkpoint")
   protocol = pickle.load(f)
   if protocol != LEGACY_PROTOCOL:
     raise ValueError(f"torch_pickle: unsupported legacy protocol {protocol}, "
@@ -275,7 +383,7 @@ def _load_legacy(f, path) -> Any:
     view.base, view.base_offset = root, int(offset)
     return view
 
-  obj = _Unpickler(f, storage_for).load()
+  obj = _Unpickler(f, storage_for, source=str(path)).load()
   keys = pickle.load(f)
   for key in keys:
     if key not in storages:
@@ -288,7 +396,7 @@ def _load_legacy(f, path) -> Any:
       raise ValueError("torch_pickle: file ends inside a storage (truncated)")
     st.data = np.frombuffer(raw, dtype=st.dtype)
     st.numel = count
-  return _materialize(obj)
+  return _materialize(obj) if materialize else obj
 
 
 def is_torch_checkpoint(path: str | os.PathLike) -> bool:
@@ -296,7 +404,7 @@ def is_torch_checkpoint(path: str | os.PathLike) -> bool:
   path = os.fspath(path)
   if zipfile.is_zipfile(path):
     with zipfile.ZipFile(path) as zf:
-      return any(n.endswith("data.pkl") and n.count("/") == 1 for n in zf.namelist())
+      return any(n.endswith("/data.pkl") and n.count("/") == 1 for n in zf.namelist())
   with open(path, "rb") as f:
     head = f.read(64)
   try:  # the first pickle in a legacy file is the magic int
@@ -307,11 +415,8 @@ def is_torch_checkpoint(path: str | os.PathLike) -> bool:
 
 def load(path: str | os.PathLike) -> Any:
   """Loads a `torch.save` file (zip or legacy) with tensors as numpy arrays."""
-  path = os.fspath(path)
-  if zipfile.is_zipfile(path):
-    return _load_zip(path)
-  with open(path, "rb") as f:
-    return _load_legacy(f, path)
+  with open_checkpoint(path) as obj:
+    return _materialize(obj)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
