@@ -7,12 +7,18 @@ Paper scale (GSQ.md §5.1), 256², 50k steps, GAN recipe:
 
   gsq-sweep sweeps/groups.py --backend slurm --site sweeps/sites/jsc_booster.yaml
   gsq-sweep sweeps/groups.py --tiny
+
+Tiny form: the tiny recipe (configs/gsq.py:tiny) at D = 16, V = 1024, f = 4
+on 16² crops, G in {1, 2, 4, 8}: the paper's F16-D16 family at CPU size. The
+trained form on held-out ImageNet images is `benchmarks/tiny_recipe.py --study
+groups` (benchmarks/RESULTS.md); analysis/group_scaling.ipynb sets the table
+beside Table 13.
 """
 
 NAME = "groups"
 CONFIG = "configs/gsq_gan_256.py"
-TINY_CONFIG = "configs/gsq.py:tiny"
-TINY_OVERRIDES = {"train.total_steps": 100}
+TINY_CONFIG = "configs/gsq.py:tiny,res=16"
+TINY_OVERRIDES = {"train.image_every_steps": 0}
 
 V256K = 2**18
 
@@ -22,9 +28,9 @@ FAMILIES = (
     (32, 32, V256K, (1, 2, 4, 8, 16, 32)),
     (8, 64, 8192, (1, 2, 4, 16)),
 )
-# Tiny: one family, G from 1 to D, at CPU size.
+# Tiny: one family at fixed D = 16, at CPU size.
 TINY_FAMILIES = (
-    (4, 8, 256, (1, 2, 4, 8)),
+    (4, 16, 1024, (1, 2, 4, 8)),
 )
 
 

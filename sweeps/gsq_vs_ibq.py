@@ -1,37 +1,44 @@
-"""GSQ vs IBQ codebook usage at V = 2^18 (QUANTIZERS.md §7).
+"""GSQ vs IBQ codebook usage at matched bits per image (QUANTIZERS.md §7, issue 17).
 
-Both quantizers train with the same encoder/decoder, recipe and steps; only
-the quantizer block differs. Points, all f = 16, V = 2^18:
-  IBQ  D = 256 (IBQ's embedding width)
-  GSQ  D = 256, G = 1     (same latent width as IBQ)
-  GSQ  D = 16,  G = 1     (the paper's F16-D16 model)
-Usage is reported on the fixed evaluation set with its token count and the
-uniform-usage expectation 1 - exp(-T / V) (eval.json), so numbers from
-different sample sizes are never compared blindly; the trainer's streaming
-counter logs usage/perplexity over training (metrics.jsonl). The notebook
-analysis/gsq_vs_ibq_usage.ipynb reads the collected table.
+A tokenizer's bits per image are (res / f)² tokens × G lookups × log2 V. IBQ
+at V = 2^18 and f = 16 spends 16·16·18 = 4,608 bits on a 256² image; the GSQ
+points spend 1×, 2× and 4× that, with the same encoder/decoder, recipe and
+steps (only the quantizer block differs):
+
+  bits   point                          why
+  1×     IBQ  f16 D256 V2^18            IBQ's published setting (84 % usage)
+  1×     GSQ  f16 D256 G1 V2^18         same latent width as IBQ
+  1×     GSQ  f16 D16  G1 V2^18         the paper's F16-D16 (Table 13: 100 %)
+  2×     GSQ  f16 D16  G2 V2^18         Table 13's 2×8 row
+  4×     GSQ  f16 D16  G4 V2^18         Table 13's 4×4 row (62 % usage)
+
+Every usage number is reported with its lookup count and the uniform-use
+expectation 1 - exp(-lookups / V), with perplexity, effective bits
+(log2 perplexity per lookup) and dead codes (unused for
+train.dead_code_steps steps in training, `train_dead_codes`; never picked at
+evaluation, `unused_codes`). analysis/gsq_vs_ibq_usage.ipynb reads the
+collected table.
 
   gsq-sweep sweeps/gsq_vs_ibq.py --backend slurm --site sweeps/sites/jsc_booster.yaml
-  gsq-sweep sweeps/gsq_vs_ibq.py --tiny       # V = 2^18 kept, tiny model, CPU
-  gsq-collect runs/gsq_vs_ibq_tiny            # then run the notebook
+  gsq-sweep sweeps/gsq_vs_ibq.py --tiny --jobs 2   # CPU
+  gsq-collect runs/gsq_vs_ibq_tiny                 # then run the notebook
 
-Tiny form (CPU-sized; measured end to end in benchmarks/RESULTS.md): f = 8 at
-32² (16 tokens per image: IBQ's 2^18-way softmax over every token dominates
-both its training step and its evaluation, so few tokens keep it CPU-sized),
-D = 32 / 8, batch 4, 200 steps, and a fixed evaluation set of 1024 demo crops
-= 16,384 tokens, T = V / 16, where perfectly uniform usage would read only
-1 - exp(-1/16) = 6.1% -- the point of reporting T next to usage. The
-evaluation skips LPIPS, KID and FD-VGG16 (usage is what is compared, and they
-would cost more than the training).
+Tiny form, scaled down consistently: f = 8 at 32² (16 tokens per image) and
+V = 2^10, so IBQ spends 16·10 = 160 bits per image and the GSQ points 160,
+160, 320, 640; widths D = 32 (IBQ and the same-width GSQ) and 8 (GSQ, groups
+of 8, 4 and 2). The evaluation set of 1024 demo crops gives T = 16,384 tokens,
+T / V = 16 (the paper's 50k images give T / V = 49 at 2^18), so uniform use
+would cover 1 - exp(-16) = 100 % and usage below that is real concentration.
+LPIPS, KID and FD-VGG16 are skipped (usage is what is compared).
 """
 
 NAME = "gsq_vs_ibq"
 CONFIG = "configs/gsq_gan_256.py"
 TINY_CONFIG = "configs/gsq.py:tiny"
 TINY_OVERRIDES = {
-    "train.total_steps": 200,
     "train.global_batch_size": 4,
     "train.num_image_samples": 4,
+    "train.image_every_steps": 0,
     "eval.num_images": 1024,
     "eval.batch_size": 16,
     "eval.lpips": False,
@@ -39,12 +46,11 @@ TINY_OVERRIDES = {
     "eval.fd_vgg16": False,
 }
 
-V = 2**18
-
 
 def sweep(add, tiny=False):
-  f = 8 if tiny else 16
-  wide = 32 if tiny else 256
+  f, V = (8, 2**10) if tiny else (16, 2**18)
+  wide, narrow = (32, 8) if tiny else (256, 16)
   add(quantizer="ibq", f=f, D=wide, G=1, V=V)
   add(quantizer="gsq", f=f, D=wide, G=1, V=V)
-  add(quantizer="gsq", f=f, D=8 if tiny else 16, G=1, V=V)
+  for G in (1, 2, 4):
+    add(quantizer="gsq", f=f, D=narrow, G=G, V=V)

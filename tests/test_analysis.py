@@ -491,3 +491,22 @@ def test_plot_usage(tmp_path):
   assert [p.get_height() for p in entropy_ax.patches][:2] == [15.0, 12.0]
   with pytest.raises(ValueError, match="non-empty"):
     analysis.plot_usage(table.iloc[:0])
+
+
+def test_matched_bits_against_ibq_and_paper_table1():
+  df = pd.DataFrame({"quantizer": ["ibq", "gsq", "gsq", "gsq"], "res": 256, "f": [16, 16, 16, 8],
+                     "D": [256, 16, 16, 16], "G": [1, 1, 4, 1], "V": 2**18,
+                     "usage": [84.0, 100.0, 62.46, 100.0], "lookups": 2**18,
+                     "perplexity": [2.0**16, 2.0**17, 2.0**15, 2.0**17]})
+  bits = analysis.matched_bits(analysis.usage_summary(df))
+  np.testing.assert_allclose(bits["bits_per_image"], [4608, 4608, 4 * 4608, 4 * 4608])
+  np.testing.assert_allclose(bits["bits_multiple"], [1, 1, 4, 4])
+  np.testing.assert_allclose(bits["effective_bits_per_image"], [256 * 16, 256 * 17,
+                                                                4 * 256 * 15, 1024 * 17])
+  np.testing.assert_allclose(bits["usage_uniform_expectation"], 100 * (1 - np.exp(-1)))
+  assert analysis.matched_bits(bits[bits["quantizer"] == "gsq"])["bits_multiple"].isna().all()
+  with pytest.raises(ValueError, match="lacks the 'res' column"):
+    analysis.matched_bits(df.drop(columns="res"))
+  table1 = analysis.paper_table("table1").set_index(["init", "norm"])
+  assert table1.loc[("uniform", "none"), "usage"] == 3.38
+  assert (table1["lookups"] == 50_000 * 16 * 16).all() and (table1["G"] == 1).all()

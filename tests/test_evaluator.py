@@ -29,7 +29,9 @@ GRID = 4
 CONTRACT_KEYS = {
     "psnr", "psnr_per_image", "ssim", "mse", "lpips_vgg", "lpips_alex", "rfid_status",
     "kid_mean", "kid_std", "fd_vgg16", "usage", "perplexity", "group_usage_mean",
-    "product_usage", "tokens", "lookups", "usage_uniform_expectation", "protocol"}
+    "product_usage", "tokens", "lookups", "usage_uniform_expectation", "protocol",
+    "effective_bits", "unused_codes", "codebook_norm_mean", "codebook_norm_cv",
+    "codebook_norm_min", "codebook_norm_max"}
 
 
 def _model_config() -> ml_collections.ConfigDict:
@@ -131,6 +133,16 @@ def test_eval_json_grid_and_protocol(eval8, image_folder, images):
   assert len(written["per_group"]["usage"]) == 2
   np.testing.assert_allclose(written["group_usage_mean"],
                              np.mean(written["per_group"]["usage"]), rtol=1e-9)
+  np.testing.assert_allclose(written["effective_bits"], np.log2(written["perplexity"]),
+                             rtol=1e-6)
+  used = round(written["usage"] * 64 / 100)
+  assert written["unused_codes"] == 64 - used
+  assert written["codebook_norm_min"] <= written["codebook_norm_mean"] <= written[
+      "codebook_norm_max"]
+  # The rank-frequency curve of the code histogram.
+  assert protocol["code_frequency_plot"] == "code_frequency.png"
+  plot = np.asarray(Image.open(out / "code_frequency.png"))
+  assert plot.ndim == 3 and plot.shape[0] > 100 and plot.std() > 0
   # Grid: originals (top row) over reconstructions, GRID images wide.
   grid = np.asarray(Image.open(out / evaluator.GRID_FILENAME))
   assert grid.shape == (2 * (S + 2) + 2, GRID * (S + 2) + 2, 3)

@@ -345,3 +345,17 @@ def test_corrupt_counted_with_worker_processes(image_folder):
   # 36 valid images need more than two passes over 18 files.
   assert counter.count >= 4
   assert "bad.png" in counter.names
+
+
+def test_folder_modulo_split_is_disjoint_and_complete(tmp_path):
+  for i in range(10):
+    Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / f"{i:02d}.png")
+  train = sources.make_source(f"folder:{tmp_path}[i%3!=0]", image_size=8, default_split="train")
+  held_out = sources.make_source(f"folder:{tmp_path}[i%3==0]", image_size=8,
+                                 default_split="train")
+  names = lambda s: [s[i]["name"] for i in range(len(s))]
+  assert names(held_out) == ["00.png", "03.png", "06.png", "09.png"]
+  assert sorted(names(train) + names(held_out)) == [f"{i:02d}.png" for i in range(10)]
+  for bad in ("[i%1==0]", "[i%3==3]", "[i%3<1]"):
+    with pytest.raises(ValueError, match="folder split"):
+      sources.parse_source(f"folder:{tmp_path}{bad}")

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gsq_jax.quantizers import (CodebookCounter, codebook_stats, codes_from_indices,
+from gsq_jax.quantizers import (CodebookCounter, codebook_norm_stats, codebook_stats,
+                                codes_from_indices, find_codebook,
                                 default_quantizer_config, fsq_codes_from_indices, fsq_quantize,
                                 gsq_quantize, ibq_indices, ibq_quantize, lfq_codes_from_indices,
                                 lfq_quantize, make_quantizer, nearest_code, search_best,
@@ -287,6 +288,32 @@ def test_streaming_counter_in_sharded_jit_equals_one_shot():
   got = counter.stats()
   for name in expected:
     np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, err_msg=name)
+
+
+def test_counter_dead_codes_survive_window_resets():
+  counter = CodebookCounter.create(2, 6)
+  counter = counter.update(jnp.array([[0, 1], [0, 2]]))  # update 1: codes 0, 1, 2
+  counter = counter.reset().update(jnp.array([[3, 3]]))  # update 2: code 3
+  counter = counter.update(jnp.array([[0, 3]]))  # update 3: codes 0, 3
+  assert int(counter.updates) == 3 and counter.last_used.tolist() == [3, 1, 1, 3, 0, 0]
+  assert int(counter.dead_codes(1)) == 4  # 1, 2, 4, 5 not picked in update 3
+  assert int(counter.dead_codes(2)) == 4  # 1, 2 last picked 2 updates ago; 4, 5 never
+  assert int(counter.dead_codes(3)) == 2  # only the never-picked 4, 5
+  assert int(counter.dead_codes(4)) == 0  # not that many updates yet
+  assert int(counter.stats()["lookups"]) == 4  # the window since the reset
+
+
+def test_codebook_norm_stats_and_find_codebook():
+  q = make_quantizer(default_quantizer_config("vq"), latent_dim=4, codebook_size=32,
+                     rngs=nnx.Rngs(0))
+  codebook = find_codebook({"quantizer": nnx.state(q, nnx.Param)})
+  assert codebook.shape == (32, 4)
+  stats = codebook_norm_stats(jnp.array([[3.0, 4.0], [0.0, 1.0]]))
+  np.testing.assert_allclose([stats["codebook_norm_mean"], stats["codebook_norm_cv"],
+                              stats["codebook_norm_min"], stats["codebook_norm_max"]],
+                             [3.0, 2.0 / 3.0, 1.0, 5.0], rtol=1e-6)
+  assert find_codebook({"quantizer": nnx.state(make_quantizer(
+      default_quantizer_config("lfq"), latent_dim=4, rngs=nnx.Rngs(0)), nnx.Param)}) is None
 
 
 # --------------------------------------------------------------------------- modules / registry

@@ -333,8 +333,9 @@ def _need_configs():
 
 @pytest.mark.parametrize("name,tiny,count", [
     ("dim_vocab", False, 20), ("groups", False, 15), ("spatial", False, 12),
-    ("gsq_vs_ibq", False, 3), ("demo", False, 8), ("dim_vocab", True, 6), ("groups", True, 4),
-    ("spatial", True, 4), ("gsq_vs_ibq", True, 3), ("demo", True, 2)])
+    ("gsq_vs_ibq", False, 5), ("demo", False, 8), ("dim_vocab", True, 6), ("groups", True, 4),
+    ("spatial", True, 4), ("gsq_vs_ibq", True, 5), ("demo", True, 2), ("init_norm", False, 4),
+    ("init_norm", True, 4)])
 def test_paper_sweeps_expand_valid(name, tiny, count):
   """Every grid point resolves through its config and passes the model-block checks.
 
@@ -442,8 +443,13 @@ def test_demo_sweep_kill_resume_nan(tmp_path, trainer_env):
   done = df[df["status"] == "done"]
   assert sorted(done["run"]) == sorted(d.name for d in demo_dirs)
   for column in ("psnr", "ssim", "lpips_alex", "lpips_vgg", "usage", "perplexity", "tokens",
-                 "params", "steps", "images_seen", "wall_time_s"):
+                 "params", "steps", "images_seen", "wall_time_s",
+                 # codebook health: evaluation, last training window, quantizer variant
+                 "effective_bits", "unused_codes", "codebook_norm_cv", "train_usage",
+                 "train_usage_lookups", "train_usage_uniform_expectation", "train_dead_codes",
+                 "init", "norm"):
     assert done[column].notna().all(), column
+  assert (done["init"] == "spherical").all() and (done["norm"] == "l2").all()
   assert (done["steps"] == 4).all() and (done["images_seen"] == 32).all()
   failed = df[df["status"] == "failed"].iloc[0]
   assert failed["run"] == nan_dir.name and failed["reason"] == reason

@@ -157,6 +157,11 @@ def test_resume_is_exact_after_sigkill_and_sigterm(tmp_path, monkeypatch):
   for key in ("rec_loss", "quant_loss", "usage", "perplexity", "steps_per_sec",
               "images_per_sec", "eta_sec", "skipped", "g_grad_norm"):
     assert key in row, key
+  # Codebook health of the logged window (G = 2, V = 64).
+  for key in ("lookups", "uniform_usage", "effective_bits", "dead_codes", "usage_group0",
+              "usage_group1", "perplexity_group0", "perplexity_group1", "codebook_norm_cv"):
+    assert key in row, key
+  assert 0 <= row["dead_codes"] <= 64 and row["lookups"] == 2 * row["tokens"]
   assert sorted(os.listdir(ref_dir / "images")) == [
       "reconstructions_0000010.png", "reconstructions_0000020.png",
       "reconstructions_0000030.png"]

@@ -38,6 +38,7 @@ from gsq_jax.analysis.tables import run_workdirs
 from gsq_jax.analysis.tables import uniform_usage_expectation
 from gsq_jax.analysis.tables import usage_draws
 from gsq_jax.analysis.usage import entropy_bits
+from gsq_jax.analysis.usage import matched_bits
 from gsq_jax.analysis.usage import usage_summary
 
 _PLOTS = ("plot_dim_vocab", "plot_groups", "plot_scaling", "plot_spatial",

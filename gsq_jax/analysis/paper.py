@@ -27,7 +27,7 @@ _DATA_FILE = "paper_results.json"
 ALIASES = {
     "fig4": "dim_vocab", "fig1b": "spatial", "table13": "groups",
     "fig3": "network_capacity", "table14": "sota", "ibq": "ibq_usage",
-    "app_c2": "dim_vocab_fit",
+    "app_c2": "dim_vocab_fit", "table1": "init_norm",
 }
 
 _KEY_ORDER = ("source", "method", "model", "quantizer", "variant", "f", "D", "G", "d", "V", "res",
@@ -67,7 +67,7 @@ def paper_table(name: str) -> pd.DataFrame:
   Args:
     name: dim_vocab (Fig. 4), spatial (Fig. 1b), groups (Table 13), fig1a,
       sota (Table 14), network_capacity (Fig. 3), ibq_usage (IBQ README
-      usage table), dim_vocab_fit (App. C.2 parameters), or an alias such as
+      usage table), dim_vocab_fit (App. C.2 parameters), init_norm (Table 1), or an alias such as
       "fig4" / "table13".
 
   Returns:

@@ -16,8 +16,11 @@ import pandas as pd
 
 from gsq_jax.analysis import tables
 
-_KEYS = ("source", "method", "run", "quantizer", "f", "D", "G", "d", "V", "seed", "steps",
-         "eval_source", "eval_images")
+_KEYS = ("source", "method", "run", "quantizer", "f", "D", "G", "d", "V", "seed", "res",
+         "init", "norm", "steps", "eval_source", "eval_images")
+# Codebook-health columns carried through when the table has them (gsq-collect).
+_HEALTH = ("unused_codes", "train_usage", "train_usage_lookups",
+           "train_usage_uniform_expectation", "train_dead_codes", "codebook_norm_cv")
 
 
 def entropy_bits(perplexity):
@@ -83,4 +86,38 @@ def usage_summary(df: pd.DataFrame) -> pd.DataFrame:
     out["group_usage_mean"] = pd.to_numeric(df["group_usage_mean"], errors="coerce")
     out = out.join(tables.add_uniform_usage_expectation(df, kind="group")[
         ["group_usage_uniform_expectation"]])
+  for col in _HEALTH:
+    if col in df.columns:
+      out[col] = pd.to_numeric(df[col], errors="coerce")
   return out.reset_index(drop=True)
+
+
+def matched_bits(summary: pd.DataFrame) -> pd.DataFrame:
+  """Adds the bit budget of each row and its multiple of the IBQ rows' budget.
+
+  A tokenizer spends (res / f)² tokens x G lookups x log2 V bits per image
+  (IBQ at 2^18, f = 16, 256²: 16·16·18 = 4,608). Comparing usage at equal
+  budget keeps a quantizer from looking better only because it spends more
+  bits. Columns added: tokens_per_image, bits_per_image, bits_multiple
+  (bits_per_image / the smallest IBQ budget in the table, NaN without an IBQ
+  row) and effective_bits_per_image = tokens_per_image x G x entropy_bits,
+  the budget the code histogram actually fills (entropy of the histogram
+  pooled over groups, per lookup).
+
+  Args:
+    summary: `usage_summary` output (or any table) with res, f, G, V columns.
+  """
+  for col in ("res", "f", "G", "V"):
+    if col not in summary.columns:
+      raise ValueError(f"matched_bits: the table lacks the {col!r} column; it has "
+                       f"{sorted(summary.columns)}")
+  out = summary.copy()
+  res, f, G, V = (pd.to_numeric(out[c], errors="coerce") for c in ("res", "f", "G", "V"))
+  out["tokens_per_image"] = (res / f) ** 2
+  out["bits_per_image"] = out["tokens_per_image"] * G * np.log2(V)
+  ibq = out["bits_per_image"][out.get("quantizer") == "ibq"] if "quantizer" in out else []
+  reference = float(np.nanmin(ibq)) if len(ibq) and np.isfinite(ibq).any() else np.nan
+  out["bits_multiple"] = out["bits_per_image"] / reference
+  if "entropy_bits" in out.columns:
+    out["effective_bits_per_image"] = out["tokens_per_image"] * G * out["entropy_bits"]
+  return out

@@ -4,6 +4,10 @@
                       packages (scikit-image, matplotlib); no setup, no network.
   demo:N              the same with N virtual images (default 10,000).
   folder:PATH         every jpg/jpeg/png/webp/bmp file under PATH (recursive).
+  folder:PATH[i%K==R] a deterministic split of that folder: the files whose
+  folder:PATH[i%K!=R] position i in the sorted list has i mod K == R (or !=),
+                      e.g. train on `[i%7!=0]`, evaluate on `[i%7==0]`; the
+                      two never share an image and both span all classes.
   tfds:NAME[:SPLIT]   a prepared tfds dataset read with `tfds.data_source` (no
                       TensorFlow), e.g. `tfds:imagenet2012:validation`, or one
                       written by `gsq-prepare`.
@@ -21,6 +25,7 @@ import dataclasses
 import importlib.util
 import os
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
@@ -29,6 +34,7 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEMO_DEFAULT_SIZE = 10_000
 SCHEMES = ("demo", "folder", "tfds")
+_FOLDER_SPLIT = re.compile(r"\[i%(?P<k>\d+)(?P<op>==|!=)(?P<r>\d+)\]$")
 
 # Natural colour photographs that ship inside the wheels (package, relative
 # path). Synthetic/grayscale files are left out.
@@ -53,6 +59,7 @@ class SourceSpec:
   location: str = ""  # folder path or tfds name
   split: str | None = None
   size: int | None = None  # demo only
+  modulo: tuple[int, int, bool] | None = None  # folder split: (K, R, keep i%K == R)
 
 
 def parse_source(source: str, field: str = "data.source") -> SourceSpec:
@@ -71,7 +78,17 @@ def parse_source(source: str, field: str = "data.source") -> SourceSpec:
   if scheme == "folder":
     if not rest:
       raise ValueError(f"{field}={source!r}: expected 'folder:PATH'")
-    return SourceSpec("folder", location=rest)
+    split = _FOLDER_SPLIT.search(rest)
+    if split is None:
+      if rest.endswith("]") and "[" in rest:
+        raise ValueError(f"{field}={source!r}: a folder split is written "
+                         "'folder:PATH[i%K==R]' or 'folder:PATH[i%K!=R]' with 0 <= R < K")
+      return SourceSpec("folder", location=rest)
+    k, op, r = int(split["k"]), split["op"], int(split["r"])
+    if k < 2 or r >= k:
+      raise ValueError(f"{field}={source!r}: the folder split [i%K{op}R] needs K >= 2 and "
+                       f"0 <= R < K, got K={k}, R={r}")
+    return SourceSpec("folder", location=rest[:split.start()], modulo=(k, r, op == "=="))
   if scheme == "tfds":
     name, _, split = rest.partition(":")
     if not name:
@@ -90,7 +107,7 @@ def make_source(source: str, *, image_size: int, default_split: str,
   if spec.scheme == "demo":
     return DemoSource(image_size=image_size, size=spec.size, seed=seed)
   if spec.scheme == "folder":
-    return FolderSource(spec.location, field=field)
+    return FolderSource(spec.location, field=field, modulo=spec.modulo)
   return TfdsSource(spec.location, split=spec.split or default_split,
                     data_dir=data_dir, image_key=image_key)
 
@@ -191,9 +208,15 @@ def list_images(root: str | os.PathLike, field: str = "src") -> list[str]:
 class FolderSource:
   """All images under a folder; items are file paths, decoded later."""
 
-  def __init__(self, root: str | os.PathLike, field: str = "data.source"):
+  def __init__(self, root: str | os.PathLike, field: str = "data.source",
+               modulo: tuple[int, int, bool] | None = None):
     self.root = os.path.abspath(os.fspath(root))
     self._files = list_images(self.root, field)
+    if modulo is not None:
+      k, r, keep_equal = modulo
+      self._files = [f for i, f in enumerate(self._files) if (i % k == r) == keep_equal]
+      if not self._files:
+        raise ValueError(f"{field}: the split of {self.root!r} selects no file")
 
   def __len__(self) -> int:
     return len(self._files)

@@ -15,4 +15,5 @@ The metrics it computes:
 * `inception.py`: the pytorch-fid FID Inception-v3 in Flax NNX, its preprocessing
   and its hash-checked weight loader; `rfid_status` says whether rFID can be
   computed and, if not, why and how to fix it.
+* `code_frequency.py`: the rank-frequency curve of the code histogram (code_frequency.png).
 """

@@ -47,13 +47,14 @@ from PIL import Image
 from gsq_jax.data import input_pipeline
 from gsq_jax.training import writers
 from gsq_jax.data import transforms
+from gsq_jax.evaluation import code_frequency
 from gsq_jax.evaluation import frechet
 from gsq_jax.evaluation.eval_config import (  # noqa: F401  (public here too)
     _block, _image_size, default_eval_config, eval_data_config, resolve_eval_config)
 from gsq_jax.evaluation import image_metrics
 from gsq_jax.evaluation import inception as inception_lib
 from gsq_jax.models import lpips as lpips_lib
-from gsq_jax.quantizers import code_counts, stats_from_counts
+from gsq_jax.quantizers import code_counts, codebook_norm_stats, find_codebook, stats_from_counts
 from gsq_jax.utils.files import atomic_write_json
 
 EVAL_FILENAME = "eval.json"
@@ -334,7 +335,8 @@ def evaluate(tokenizer: nnx.Module, eval_data: input_pipeline.EvalData,
                                                              acc.stats["vgg16_fake"])
   result.update(_usage(counts))
   info = {"num_images": num_images, "eval_seconds": seconds,
-          "images_per_second": num_images / seconds if seconds > 0 else math.nan}
+          "images_per_second": num_images / seconds if seconds > 0 else math.nan,
+          "code_counts": counts}
   grid = None
   if acc.grid is not None and len(acc.grid[0]):
     originals, reconstructions = acc.grid
@@ -354,6 +356,8 @@ def _usage(counts: np.ndarray) -> dict[str, Any]:
       "group_usage_mean": float(stats["group_usage"].mean()),
       "group_perplexity_mean": float(stats["mean_group_perplexity"]),
       "product_usage": float(stats["product_usage"]),
+      "effective_bits": float(stats["effective_bits"]),
+      "unused_codes": int(np.sum(counts.sum(axis=0) == 0)),
       "tokens": int(counts[0].sum()),
       "lookups": lookups,
       "usage_uniform_expectation": float(-100.0 * math.expm1(-lookups / codebook_size)),
@@ -399,7 +403,9 @@ def _protocol(config: Any, data_cfg: Mapping[str, Any], *, image_size: int,
       "usage": "100 * codes used at least once / V, one histogram shared by all groups "
                "(GSQ); perplexity natural log on the same histogram; product_usage = "
                "100 * prod_g(group usage fraction); usage_uniform_expectation = "
-               "100 * (1 - exp(-lookups / V))",
+               "100 * (1 - exp(-lookups / V)); effective_bits = log2(perplexity); "
+               "unused_codes = codes no evaluation lookup picked; codebook_norm_* = "
+               "row norms of the raw codebook (cv = std / mean)",
   }
   return {
       "num_images": info["num_images"],
@@ -483,8 +489,14 @@ def run_evaluation(tokenizer: nnx.Module, config: Any, *, out_dir: str | os.Path
       config, data_cfg, image_size=image_size, eval_data=eval_data, models=models,
       result=result, info=info, use_ema_note=use_ema_note, step=step, mesh=mesh,
       grid_file=GRID_FILENAME if grid is not None else None)
+  codebook = find_codebook(nnx.state(tokenizer, nnx.Param))
+  if codebook is not None:
+    result.update({k: float(v) for k, v in codebook_norm_stats(codebook).items()})
+  counts = info["code_counts"]
+  result["protocol"]["code_frequency_plot"] = code_frequency.FILENAME
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
+    code_frequency.write_plot(counts, os.path.join(out_dir, code_frequency.FILENAME))
     if grid is not None:
       Image.fromarray(grid).save(os.path.join(out_dir, GRID_FILENAME))
     atomic_write_json(os.path.join(out_dir, EVAL_FILENAME), json_safe(result))

@@ -24,13 +24,14 @@ from gsq_jax.quantizers.modules import (
 from gsq_jax.quantizers.search import merge_best, nearest_code, search_best
 from gsq_jax.quantizers.sharded import (sharded_codes_from_indices, sharded_gsq_quantize,
                                         sharded_ibq_indices, sharded_ibq_quantize, sharded_vq_quantize)
-from gsq_jax.quantizers.stats import CodebookCounter, code_counts, codebook_stats, stats_from_counts
+from gsq_jax.quantizers.stats import (CodebookCounter, code_counts, codebook_norm_stats,
+                                      codebook_stats, find_codebook, stats_from_counts)
 from gsq_jax.quantizers.vector import codes_from_indices, gsq_quantize, vq_quantize
 
 __all__ = [
     "CodebookCounter", "FiniteScalarQuantizer", "GroupedSphericalQuantizer",
     "IndexBackpropQuantizer", "LookupFreeQuantizer", "QuantizerOutput", "VectorQuantizer",
-    "code_counts", "codebook_stats", "codes_from_indices", "default_quantizer_config",
+    "code_counts", "codebook_norm_stats", "codebook_stats", "codes_from_indices", "default_quantizer_config",
     "fsq_codes_from_indices", "fsq_quantize", "gsq_quantize", "ibq_indices", "ibq_quantize",
     "lfq_codes_from_indices", "lfq_quantize", "make_quantizer", "merge_best", "nearest_code",
     "search_best", "sharded_codes_from_indices", "sharded_gsq_quantize", "sharded_ibq_indices",

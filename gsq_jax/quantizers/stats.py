@@ -9,6 +9,14 @@ natural log, with counts_g[k] = #{n : indices[n, g] = k}:
   group_perplexity  per-group perplexity, shape (G,)
   mean_group_perplexity  mean of group_perplexity (the reference's `prod_perplexity`)
   product_usage     100 * prod_g group_usage_g / 100            (the reference's `prod_used_codebook`)
+  effective_bits    log2(perplexity): the bits per lookup the histogram carries (max log2 V)
+
+Codebook health over training (`CodebookCounter`): besides the windowed
+histogram it keeps, per code, the update at which any group last picked it,
+so `dead_codes(K)` counts the codes no lookup has chosen in the last K
+updates (K = train.dead_code_steps). `codebook_norm_stats` measures the
+spread of the raw row norms: with l2 lookup every row is compared on the
+sphere, without it a few long rows win most lookups (GSQ.md Table 1).
 
 Coverage depends on how many tokens were looked at: with T lookups spread
 uniformly over V codes the expected coverage is 1 - exp(-T / V). Every result
@@ -85,6 +93,7 @@ def stats_from_counts(counts) -> dict[str, jax.Array]:
       "group_perplexity": group_perplexity,
       "mean_group_perplexity": jnp.mean(group_perplexity),
       "product_usage": 100.0 * jnp.prod(group_fraction),
+      "effective_bits": jnp.log2(_perplexity(shared)),
       "uniform_usage": 100.0 * -jnp.expm1(-lookups / v),
       "group_uniform_usage": 100.0 * -jnp.expm1(-tokens / v),
   }
@@ -110,21 +119,50 @@ class CodebookCounter:
   `stats()` whenever metrics are written. No host round trip per step.
   """
 
-  counts: jax.Array  # (G, V) int32
+  counts: jax.Array  # (G, V) int32, since the last reset
+  updates: jax.Array  # () int32, updates since creation (never reset)
+  last_used: jax.Array  # (V,) int32, value of `updates` when a group last picked the code
 
   @classmethod
   def create(cls, num_groups: int, codebook_size: int) -> "CodebookCounter":
     if num_groups < 1 or codebook_size < 2:
       raise ValueError(f"CodebookCounter: need num_groups >= 1 and codebook_size >= 2, "
                        f"got num_groups={num_groups}, codebook_size={codebook_size}")
-    return cls(counts=jnp.zeros((num_groups, codebook_size), jnp.int32))
+    return cls(counts=jnp.zeros((num_groups, codebook_size), jnp.int32),
+               updates=jnp.zeros((), jnp.int32),
+               last_used=jnp.zeros((codebook_size,), jnp.int32))
 
   def update(self, indices, *, mask=None, axis_name=None) -> "CodebookCounter":
-    return self.replace(counts=self.counts + code_counts(
-        indices, self.counts.shape[1], mask=mask, axis_name=axis_name))
+    batch = code_counts(indices, self.counts.shape[1], mask=mask, axis_name=axis_name)
+    updates = self.updates + 1
+    picked = jnp.sum(batch, axis=0) > 0
+    return self.replace(counts=self.counts + batch, updates=updates,
+                        last_used=jnp.where(picked, updates, self.last_used))
 
   def reset(self) -> "CodebookCounter":
+    """Starts a new usage window; the dead-code clock keeps running."""
     return self.replace(counts=jnp.zeros_like(self.counts))
 
   def stats(self) -> dict[str, jax.Array]:
     return stats_from_counts(self.counts)
+
+  def dead_codes(self, unused_for: int) -> jax.Array:
+    """Codes no group has picked in the last `unused_for` (>= 1) updates (0 before that many)."""
+    return jnp.sum(self.updates - self.last_used >= unused_for).astype(jnp.int32)
+
+
+def codebook_norm_stats(codebook) -> dict[str, jax.Array]:
+  """Spread of the codebook's row norms: mean, coefficient of variation, min, max."""
+  norms = jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(codebook, jnp.float32)), axis=-1))
+  mean = jnp.mean(norms)
+  return {"codebook_norm_mean": mean, "codebook_norm_cv": jnp.std(norms) / mean,
+          "codebook_norm_min": jnp.min(norms), "codebook_norm_max": jnp.max(norms)}
+
+
+def find_codebook(params) -> jax.Array | None:
+  """The quantizer's (V, d) codebook in a parameter tree; None for FSQ/LFQ."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if "quantizer" in names and names[-1] in ("codebook", "value") and "codebook" in names:
+      return leaf
+  return None

@@ -75,6 +75,40 @@ def _metrics_summary(path: pathlib.Path) -> dict[str, Any]:
   return out
 
 
+# Codebook health of the last logged training window (metrics.jsonl) -> table column.
+TRAINING_HEALTH = {"usage": "train_usage", "lookups": "train_usage_lookups",
+                   "uniform_usage": "train_usage_uniform_expectation",
+                   "perplexity": "train_perplexity", "effective_bits": "train_effective_bits",
+                   "dead_codes": "train_dead_codes", "codebook_norm_cv": "train_codebook_norm_cv"}
+
+
+def quantizer_variant(config: Mapping[str, Any] | None) -> dict[str, Any]:
+  """`init` and `norm` columns of a GSQ/VQ run (paper Table 1's two axes)."""
+  quantizer = _get(config or {}, "model.quantizer") or {}
+  out = {}
+  if "init" in quantizer:
+    out["init"] = quantizer["init"]
+  if "l2_normalize" in quantizer:
+    out["norm"] = "l2" if quantizer["l2_normalize"] else "none"
+  return out
+
+
+def training_health(path: pathlib.Path) -> dict[str, Any]:
+  """The TRAINING_HEALTH columns from the last metrics.jsonl line that has usage."""
+  try:
+    lines = path.read_text(encoding="utf-8").splitlines()
+  except FileNotFoundError:
+    return {}
+  for line in reversed(lines):  # the last line may be half written: skipped
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and "usage" in row:
+      return {column: row[key] for key, column in TRAINING_HEALTH.items() if key in row}
+  return {}
+
+
 def _get(tree: Any, dotted: str, default: Any = None) -> Any:
   for part in dotted.split("."):
     if not isinstance(tree, Mapping) or part not in tree:
@@ -137,6 +171,8 @@ def collect_run(workdir: pathlib.Path, record: Mapping[str, Any] | None = None, 
                          "sweep": (sweep or {}).get("sweep", ""), "status": state,
                          "reason": status.get("reason", "") if state != runner.DONE else ""}
   summary = _metrics_summary(workdir / "metrics.jsonl")
+  row.update(training_health(workdir / "metrics.jsonl"))
+  row.update(quantizer_variant(config))
   evaluation = manifest_lib.read_json(workdir / "eval.json")
   evaluation = evaluation if isinstance(evaluation, dict) else {}
   protocol = evaluation.get("protocol") if isinstance(evaluation.get("protocol"), dict) else {}

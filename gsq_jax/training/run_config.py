@@ -41,7 +41,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   t, m = config.train, config.model
   for field in ("total_steps", "global_batch_size", "image_size", "log_every_steps",
                 "checkpoint_every_steps", "keep_checkpoints", "num_image_samples",
-                "preemption_check_every_steps"):
+                "preemption_check_every_steps", "dead_code_steps"):
     _positive_int(t, "train", field)
   for field in ("image_every_steps", "eval_every_steps", "seed"):
     _positive_int(t, "train", field, minimum=0)

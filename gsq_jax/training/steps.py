@@ -50,7 +50,7 @@ import optax
 from gsq_jax.training import losses
 from gsq_jax.training import optim
 from gsq_jax import sharding as sharding_lib
-from gsq_jax.quantizers import CodebookCounter
+from gsq_jax.quantizers import CodebookCounter, codebook_norm_stats, find_codebook
 
 State = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -375,13 +375,29 @@ def make_train_step(nets: Networks, cfg: StepConfig
   return train_step
 
 
-def usage_report(state: State) -> tuple[State, Metrics]:
-  """Codebook usage since the last report, and the state with the counter reset."""
+def usage_report(state: State, *, dead_after: int) -> tuple[State, Metrics]:
+  """Codebook health since the last report, and the state with the counter reset.
+
+  The window is the steps since the last report (train.log_every_steps): its
+  usage comes with its `lookups` and their uniform expectation
+  1 - exp(-lookups / V), so windows of different sizes are never compared
+  blindly. Also: perplexity and effective bits, codes unused for `dead_after`
+  steps (`dead_codes`), each group's usage and perplexity, and the spread of
+  the codebook's raw row norms.
+  """
   counter = state["counter"]
   stats = counter.stats()
-  report = {k: stats[k] for k in ("usage", "perplexity", "product_usage",
-                                  "mean_group_perplexity", "tokens", "uniform_usage")}
+  report = {k: stats[k] for k in ("usage", "perplexity", "effective_bits", "product_usage",
+                                  "mean_group_perplexity", "tokens", "lookups",
+                                  "uniform_usage")}
   report["group_usage_mean"] = jnp.mean(stats["group_usage"])
+  for g in range(counter.counts.shape[0]):
+    report[f"usage_group{g}"] = stats["group_usage"][g]
+    report[f"perplexity_group{g}"] = stats["group_perplexity"][g]
+  report["dead_codes"] = counter.dead_codes(dead_after)
+  codebook = find_codebook(state["params"])
+  if codebook is not None:
+    report.update(codebook_norm_stats(codebook))
   return dict(state, counter=counter.reset()), report
 
 

@@ -186,7 +186,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
 
   train_step = jax.jit(steps.make_train_step(nets, step_cfg), donate_argnums=(0,),
                        out_shardings=(shardings, replicated))
-  usage_report = jax.jit(steps.usage_report, donate_argnums=(0,),
+  usage_report = jax.jit(lambda state: steps.usage_report(state, dead_after=t.dead_code_steps),
+                         donate_argnums=(0,),
                          out_shardings=(shardings, replicated))
   n = t.num_image_samples
 
