@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -28,7 +27,7 @@ from gsq_jax.training import train
 from gsq_jax.training import workdir as workdir_lib
 from gsq_jax.training import writers
 from test_steps import ROOT, small_config  # noqa: F401
-from test_train import checkpoint_steps, cli, env, logged
+from test_train import checkpoint_steps, cli, env, logged, signal_at_step
 
 RUN = {"train.total_steps": 4, "train.log_every_steps": 1, "train.checkpoint_every_steps": 2,
        "train.keep_checkpoints": 3, "train.image_every_steps": 0, "train.final_eval": False}
@@ -152,25 +151,8 @@ def test_failed_save_stops_then_sigint_then_resume(run_dir, monkeypatch):
   # 2. Resumed from step 4; Ctrl-C (SIGINT) once step 10 is logged (rows up to 8 are left
   #    from the failed run): checkpoint, 75, FAILED.
   longer["train.total_steps"] = 24  # room for the signal to arrive mid-run
-  stop = threading.Event()
-
-  def interrupt():
-    while not stop.is_set():
-      rows = logged(run_dir)
-      if rows and rows[-1]["step"] >= 10:
-        os.kill(os.getpid(), signal.SIGINT)
-        return
-      time.sleep(0.01)
-
-  previous = signal.signal(signal.SIGINT, lambda *_: None)  # a late signal must not end pytest
-  sender = threading.Thread(target=interrupt)
-  sender.start()
-  try:
+  with signal_at_step(run_dir, 10, signal.SIGINT):
     code = train.train_and_evaluate(small_config(**longer), str(run_dir))
-  finally:
-    stop.set()
-    sender.join()
-    signal.signal(signal.SIGINT, previous)
   assert code == train.EXIT_PREEMPTED
   failed = json.loads((run_dir / "FAILED").read_text())
   stopped = failed["step"]
@@ -207,8 +189,7 @@ def test_only_corrupt_images_fail_before_building(tmp_path, monkeypatch):
   config = small_config(**{**RUN, "data.source": f"folder:{folder}"})
   assert train.train_and_evaluate(config, str(tmp_path / "run")) == train.EXIT_FAILED
   failed = json.loads((tmp_path / "run" / "FAILED").read_text())
-  assert failed["reason"].startswith("data: ") and "no decodable image" in failed["reason"]
-  assert str(folder) in failed["reason"]
+  assert failed["reason"].startswith(f"data (folder:{folder}): ValueError: no decodable image")
 
 
 def test_failure_reason_puts_the_root_cause_first():

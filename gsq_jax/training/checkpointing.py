@@ -223,11 +223,12 @@ class Checkpointer:
                      ) -> tuple[dict[str, Any], int | None, list[str]]:
     """(state, step, skipped) of the newest checkpoint that restores; (target, None, []) if none.
 
-    A checkpoint that does not restore is moved to WORKDIR/checkpoints_unrestorable/
-    (kept for inspection, out of the way of new saves and of gsq-eval) and
-    named with its error in `skipped`; raises CheckpointError when none restores.
+    Newer checkpoints that do not restore are named with their error in
+    `skipped` and moved to WORKDIR/checkpoints_unrestorable/ (kept for
+    inspection, out of the way of new saves and of gsq-eval). When none
+    restores, nothing is moved and CheckpointError lists every error.
     """
-    skipped = []
+    skipped, failed = [], []
     for step in sorted(self.all_steps(), reverse=True):
       error = None
       try:
@@ -238,14 +239,19 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         error = e
       if _all_processes_agree(error is None):
+        for bad_step, reason in failed:
+          where = self._set_aside(bad_step)
+          logging.warning("Checkpoint of step %d does not restore (%s); resumed from step %d "
+                          "instead and moved it to %s", bad_step, reason, step, where)
+          skipped.append(f"step {bad_step} ({reason})")
         return state, step, skipped
       reason = f"{type(error).__name__}: {error}" if error else "failed on another process"
-      where = self._set_aside(step)
-      logging.warning("Checkpoint of step %d does not restore (%s); moved to %s, trying the "
-                      "previous one", step, reason, where)
-      skipped.append(f"step {step} ({reason})")
-    if skipped:
-      raise CheckpointError(f"no checkpoint in {self.directory} restores: {'; '.join(skipped)}")
+      logging.warning("Checkpoint of step %d does not restore (%s); trying the previous one",
+                      step, reason)
+      failed.append((step, reason))
+    if failed:
+      raise CheckpointError(f"no checkpoint in {self.directory} restores: " + "; ".join(
+          f"step {s} ({r})" for s, r in failed))
     return target, None, skipped
 
   def _set_aside(self, step: int) -> pathlib.Path:

@@ -15,12 +15,21 @@ Workdir (other commands rely on it; gsq_jax/training/checkpointing.py, API contr
   tensorboard/    event files when tensorboardX is installed
   eval.json       final evaluation (gsq_jax.evaluation.evaluator)
   DONE            written last, when every step and the final eval are done
-  FAILED          {"reason", "step"} when the run stops on an error it detected
+  FAILED          {"reason", "step"}: why the run stopped, one line, the root
+                  cause first (config, data, resume, checkpoint, disk, NaN, ...);
+                  "interrupted": true when a signal stopped it
+  .lock           held by the running trainer (gsq_jax/training/workdir.py)
+  checkpoints_unrestorable/  checkpoints a resume had to skip, with the reason logged
+  restart-N/      a run started over with --force_new
 
-Exit codes: 0 finished (or already DONE), 1 failed (FAILED written), 75 stopped
-by SIGTERM/SIGUSR1 after saving a checkpoint (SLURM preemption / time limit:
-requeue it). A run started again in the same workdir resumes from its latest
-checkpoint, exactly: parameters end bitwise equal to an uninterrupted run.
+Exit codes: 0 finished (or already DONE with this config), 1 failed (FAILED
+written), 2 refused (the workdir is in use by another trainer, or was trained
+with another config: nothing written), 75 stopped by SIGTERM/SIGUSR1/SIGINT
+after saving a checkpoint (SLURM preemption / time limit / Ctrl-C: run it
+again; FAILED says "interrupted"). A run started again in the same workdir
+resumes from its newest checkpoint that restores, exactly: parameters end
+bitwise equal to an uninterrupted run. Only `workdir.RESUMABLE` config
+fields may change between its launches.
 
 Sections: building networks and state | the loop (logging, images,
 checkpoints, preemption, evaluation) | main. Config checks live in
@@ -331,6 +340,7 @@ def _train(config, workdir: str, done_path: str, failed_path: str,
     raise RunFailed(f"invalid config: {e}") from e
   t = config.train
   is_main = jax.process_index() == 0
+  progress.stage = "start-up"
   if is_main:
     os.makedirs(workdir, exist_ok=True)
     if os.path.exists(failed_path):
@@ -356,7 +366,7 @@ def _train(config, workdir: str, done_path: str, failed_path: str,
     try:
       pending = [next(data_iter)]
     except Exception as e:  # pylint: disable=broad-except
-      raise RunFailed(run_guards.describe_failure(e, "data")) from e
+      raise RunFailed(run_guards.describe_failure(e, f"data ({config.data.source})")) from e
     progress.stage = "build"
     run = build(config, mesh)
     state = run.state

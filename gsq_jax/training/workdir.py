@@ -223,19 +223,25 @@ def check_relaunch(workdir: str | os.PathLike, config_json: Mapping[str, Any]) -
   A finished run (DONE) refuses any change: there is nothing left to resume,
   so a different config means a different experiment.
   """
-  old = read_config_json(workdir) if has_started(workdir) else None
-  if old is None:
+  if not has_started(workdir):
     return {}
+  old = read_config_json(workdir)
+  if old is None:
+    raise WorkdirRefused(f"{workdir} holds checkpoints but no {CONFIG_NAME}: the config they were "
+                         "trained with is unknown; restore the file or use --force_new")
   changes = config_changes(old, config_json)
   done = (pathlib.Path(workdir) / "DONE").exists()
   fixed = {k: v for k, v in changes.items() if done or not is_resumable(k)}
   if fixed:
     listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in fixed.items())
     what = "is finished" if done else "already trained with another config"
+    hint = ""
+    if done and all(is_resumable(k) for k in fixed):
+      hint = " (to train a finished run further, delete its DONE file first)"
     raise WorkdirRefused(
         f"{workdir} {what}; this launch differs in {len(fixed)} field(s): {listed}. Nothing was "
         "changed. Relaunch with the workdir's config (its config.json), pick another --workdir, "
-        f"or pass --force_new to start over in a fresh subfolder ({RESTART_PREFIX}N)")
+        f"or pass --force_new to start over in a fresh subfolder ({RESTART_PREFIX}N){hint}")
   return changes
 
 
