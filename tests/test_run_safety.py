@@ -202,6 +202,11 @@ def test_failure_reason_puts_the_root_cause_first():
     reason = run_guards.describe_failure(e, "checkpoint")
   assert reason == ("disk (checkpoint): OSError: [Errno 28] No space left on device: "
                     "'/w/checkpoints/6' (while: Event loop is closed)")
+  tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "rng/0": Failed to write 134243 '
+                           "bytes to file 9: No space left on device [os_error_code='28']")
+  assert run_guards.describe_failure(tensorstore, "checkpoint").startswith(
+      "disk (checkpoint): ValueError: RESOURCE_EXHAUSTED")
+  assert run_guards.describe_failure(KeyError("image"), "data") == "data: KeyError: 'image'"
 
 
 def test_metrics_rows_after_the_checkpoint_are_dropped(tmp_path):
@@ -239,3 +244,22 @@ def test_two_trainer_processes_on_one_workdir(tmp_path):
   assert json.loads((tmp_path / "FAILED").read_text())["interrupted"]
   rows = logged(tmp_path)
   assert len({r["step"] for r in rows}) == len(rows)
+
+
+def test_library_failure_noise_is_trimmed():
+  noise = run_guards.FailureNoiseFilter(limit=2)
+
+  def record(name, path, msg, exc=None):
+    exc_info = (type(exc), exc, None) if exc else None
+    return logging.LogRecord(name, logging.ERROR, path, 1, msg, (), exc_info)
+
+  orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  error = ValueError("RESOURCE_EXHAUSTED: No space left on device")
+  r = record("absl", orbax, "Save Finalize thread failed.", error)
+  assert noise.filter(r) and r.exc_info is None
+  assert r.getMessage() == ("Save Finalize thread failed. (ValueError: RESOURCE_EXHAUSTED: "
+                            "No space left on device)")
+  assert not noise.filter(record("asyncio", "/py/asyncio/base_events.py",
+                                 "Task exception was never retrieved\nfuture: <Task 1>", error))
+  repeats = [noise.filter(record("absl", "/w/x.py", "Event loop is closed")) for _ in range(4)]
+  assert repeats == [True, True, False, False]

@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import logging as logging_std
 import os
+import re
 import signal
 import threading
 from typing import Any, Callable
@@ -34,6 +35,7 @@ from gsq_jax.utils.files import atomic_write_json
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+_DISK_MESSAGES = re.compile(r"No space left on device|Disk quota exceeded|Read-only file system")
 
 
 class RunFailed(Exception):
@@ -67,7 +69,8 @@ def describe_failure(exc: BaseException, stage: str) -> str:
   happened, since that is what the user must fix.
   """
   root = root_cause(exc)
-  if isinstance(root, OSError) and root.errno in _DISK_ERRNOS:
+  if ((isinstance(root, OSError) and root.errno in _DISK_ERRNOS)
+      or _DISK_MESSAGES.search(str(root))):  # tensorstore reports ENOSPC inside a ValueError
     stage = f"disk ({stage})"
   text = f"{stage}: {type(root).__name__}: {root}"
   if root is not exc:
@@ -137,12 +140,19 @@ class PreemptionWatcher:
     return bool(np.any(flags_all))
 
 
-class RepeatFilter(logging_std.Filter):
-  """Lets an identical log message through `limit` times, then drops its repeats.
+class FailureNoiseFilter(logging_std.Filter):
+  """Keeps a failure's cause findable in the log.
 
-  A failing save can make a library log the same line hundreds of times
-  (orbax/asyncio: "Event loop is closed"), burying the cause.
+  A failed checkpoint write makes orbax, tensorstore and asyncio log the
+  same error many times over, each with a long traceback, and asyncio adds
+  one "Task exception was never retrieved" per orphaned write task at exit:
+  thousands of lines around one cause. Library errors keep their message and
+  exception line but lose the traceback (the trainer logs its own once),
+  orphaned-task reports are dropped, and a message repeated more than `limit`
+  times (by its first line) is dropped after saying so.
   """
+
+  LIBRARIES = ("orbax", "tensorstore", "grain", "asyncio")
 
   def __init__(self, limit: int = 3):
     super().__init__()
@@ -150,12 +160,21 @@ class RepeatFilter(logging_std.Filter):
     self._seen: dict[tuple[str, int, str], int] = {}
 
   def filter(self, record) -> bool:
+    first = record.getMessage().split("\n", 1)[0]
+    library = record.name == "asyncio" or any(
+        f"{os.sep}{lib}{os.sep}" in record.pathname for lib in self.LIBRARIES)
+    if library and first.startswith("Task exception was never retrieved"):
+      return False
+    if library and record.exc_info and record.exc_info[1] is not None:
+      exc = record.exc_info[1]
+      first = _one_line(f"{first} ({type(exc).__name__}: {exc})")
+      record.msg, record.args, record.exc_info, record.exc_text = first, (), None, None
     if len(self._seen) > 100_000:  # bounded memory on very long runs
       self._seen.clear()
-    key = (record.pathname, record.lineno, record.getMessage()[:300])
+    key = (record.pathname, record.lineno, first[:300])
     n = self._seen[key] = self._seen.get(key, 0) + 1
     if n == self._limit:
-      record.msg, record.args = f"{record.getMessage()} (repeated {n}x; further copies dropped)", ()
+      record.msg, record.args = f"{record.getMessage()} (repeated {n}x; dropping repeats)", ()
     return n <= self._limit
 
 

@@ -528,7 +528,7 @@ class _QuietLibraries(logging_std.Filter):
 
 def _main(argv) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  logging.get_absl_handler().addFilter(run_guards.RepeatFilter())
+  logging.get_absl_handler().addFilter(run_guards.FailureNoiseFilter())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or not _WORKDIR.value:
