@@ -1,6 +1,7 @@
 """The training loop end to end: exact resume after SIGKILL, SIGTERM checkpoints,
 corrupt and empty image folders, NaN failures, restore_tokenizer, the 300-step demo."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -70,6 +71,31 @@ def wait_for_step(proc, workdir, step: int, checkpoint: int = 0, timeout: float 
   raise TimeoutError(f"step {step} not reached")
 
 
+@contextlib.contextmanager
+def signal_at_step(workdir, step: int, sig: int):
+  """Sends `sig` to this process from a thread once metrics.jsonl logs `step`."""
+  stop = threading.Event()
+
+  def send():
+    while not stop.is_set():
+      rows = logged(workdir)
+      if rows and rows[-1]["step"] >= step:
+        os.kill(os.getpid(), sig)
+        return
+      time.sleep(0.01)
+
+  # Outside train_and_evaluate's own handler a late signal must not end pytest.
+  previous = signal.signal(sig, lambda *_: None)
+  sender = threading.Thread(target=send)
+  sender.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    sender.join()
+    signal.signal(sig, previous)
+
+
 def weights(workdir, ema):
   tokenizer, _, step = checkpointing.restore_tokenizer(workdir, ema=ema)
   return jax.device_get(nnx.state(tokenizer, nnx.Param).to_pure_dict()), step
@@ -94,26 +120,8 @@ def test_resume_is_exact_after_sigkill_and_sigterm(tmp_path, monkeypatch):
 
   # 2. Restarted (in this process): resumes; SIGTERM makes it save where it is
   #    and return 75. The signal comes from a thread once step 18 is logged.
-  stop = threading.Event()
-
-  def send_sigterm():
-    while not stop.is_set():
-      rows = logged(run_dir)
-      if rows and rows[-1]["step"] >= 18:
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-      time.sleep(0.01)
-
-  # Outside train_and_evaluate's own handler a late SIGTERM must not end pytest.
-  previous = signal.signal(signal.SIGTERM, lambda *_: None)
-  sender = threading.Thread(target=send_sigterm)
-  sender.start()
-  try:
+  with signal_at_step(run_dir, 18, signal.SIGTERM):
     code = train.train_and_evaluate(small_config(**overrides), str(run_dir))
-  finally:
-    stop.set()
-    sender.join()
-    signal.signal(signal.SIGTERM, previous)
   assert code == 75
   stopped_at = logged(run_dir)[-1]["step"]
   assert killed_at < stopped_at < total and checkpoint_steps(run_dir)[-1] == stopped_at

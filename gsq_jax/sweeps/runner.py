@@ -16,6 +16,7 @@ checkpoints/, eval.json, DONE and FAILED):
   WORKDIR/.lock         flock held by the trainer process while it runs, so a
                         restarted launcher never starts a second trainer on a
                         workdir whose orphaned trainer is still saving
+                        (gsq_jax/training/workdir.py; the trainer inherits it)
 
 Outcome of an attempt (the trainer's exit codes are in the API contract):
   DONE present                -> done
@@ -34,8 +35,6 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
-import errno
-import fcntl
 import os
 import pathlib
 import signal
@@ -47,12 +46,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gsq_jax.sweeps import manifest as manifest_lib
+from gsq_jax.training.workdir import HOLDER_ENV, LOCK_NAME, RunLock, is_locked
 from gsq_jax.utils import compilation_cache
 from gsq_jax.utils import files
 
 STATUS_NAME = "status.json"
 LOG_NAME = "train.log"
-LOCK_NAME = ".lock"
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the trainer saved a checkpoint on SIGTERM/SIGUSR1
 
 PENDING, RUNNING, DONE, FAILED, INTERRUPTED = "pending", "running", "done", "failed", "interrupted"
@@ -78,53 +77,6 @@ def read_status(workdir: str | os.PathLike) -> dict[str, Any]:
 
 def write_status(workdir: str | os.PathLike, status: Mapping[str, Any]) -> None:
   files.atomic_write_json(pathlib.Path(workdir) / STATUS_NAME, dict(status))
-
-
-class RunLock:
-  """An exclusive flock on WORKDIR/.lock, inheritable by the trainer process.
-
-  The lock lives as long as any process holding the open file does, so
-  passing the descriptor to the trainer keeps the run locked after the
-  launcher that started it dies. On file systems without flock support the
-  lock is a no-op (`held` stays True).
-  """
-
-  def __init__(self, workdir: str | os.PathLike):
-    self.path = pathlib.Path(workdir) / LOCK_NAME
-    self.fd: int | None = None
-
-  def acquire(self) -> bool:
-    """Takes the lock without blocking; False if another process holds it."""
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-      if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-        os.close(fd)
-        return False
-      if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-        os.close(fd)
-        raise
-    self.fd = fd
-    return True
-
-  def release(self) -> None:
-    """Closes our descriptor (the trainer's inherited one keeps the lock until it exits)."""
-    if self.fd is not None:
-      os.close(self.fd)
-      self.fd = None
-
-
-def is_locked(workdir: str | os.PathLike) -> bool:
-  """Whether some live process (e.g. an orphaned trainer) holds the run's lock."""
-  lock = RunLock(workdir)
-  if not lock.path.exists():
-    return False
-  if lock.acquire():
-    lock.release()
-    return False
-  return True
 
 
 def current_state(workdir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
@@ -253,7 +205,8 @@ def start_attempt(workdir: str | os.PathLike, command: Sequence[str], *,
     log.flush()
     process = subprocess.Popen(  # pylint: disable=consider-using-with,subprocess-popen-preexec-fn
         list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env=None if env is None else dict(env), cwd=cwd, pass_fds=(lock.fd,),
+        env={**(os.environ if env is None else env), HOLDER_ENV: lock.holder()},
+        cwd=cwd, pass_fds=(lock.fd,),
         # Own session: a Ctrl-C in the launcher's terminal reaches only the
         # launcher, which asks the trainers to checkpoint (SIGTERM).
         start_new_session=True,

@@ -9,6 +9,8 @@ Read in this order:
 * `optim.py`: AdamW for G and D, LR schedules, gradient clipping, the EMA.
 * `checkpointing.py`: orbax checkpoints (atomic, exact resume) and loading a trained tokenizer.
 * `run_config.py`: checks of a whole run config before anything compiles.
-* `run_guards.py`: preemption signals, NaN watch, corrupt-input counter, DONE/FAILED files.
+* `run_guards.py`: preemption signals, NaN watch, corrupt-input counter, DONE/FAILED files
+  and the one-line failure reasons.
+* `workdir.py`: the workdir lock and the config a started run may not change.
 * `writers.py`: metrics.jsonl, TensorBoard, PNG grids and progress lines.
 """

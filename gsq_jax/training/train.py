@@ -15,12 +15,21 @@ Workdir (other commands rely on it; gsq_jax/training/checkpointing.py, API contr
   tensorboard/    event files when tensorboardX is installed
   eval.json       final evaluation (gsq_jax.evaluation.evaluator)
   DONE            written last, when every step and the final eval are done
-  FAILED          {"reason", "step"} when the run stops on an error it detected
+  FAILED          {"reason", "step"}: why the run stopped, one line, the root
+                  cause first (config, data, resume, checkpoint, disk, NaN, ...);
+                  "interrupted": true when a signal stopped it
+  .lock           held by the running trainer (gsq_jax/training/workdir.py)
+  checkpoints_unrestorable/  checkpoints a resume had to skip, with the reason logged
+  restart-N/      a run started over with --force_new
 
-Exit codes: 0 finished (or already DONE), 1 failed (FAILED written), 75 stopped
-by SIGTERM/SIGUSR1 after saving a checkpoint (SLURM preemption / time limit:
-requeue it). A run started again in the same workdir resumes from its latest
-checkpoint, exactly: parameters end bitwise equal to an uninterrupted run.
+Exit codes: 0 finished (or already DONE with this config), 1 failed (FAILED
+written), 2 refused (the workdir is in use by another trainer, or was trained
+with another config: nothing written), 75 stopped by SIGTERM/SIGUSR1/SIGINT
+after saving a checkpoint (SLURM preemption / time limit / Ctrl-C: run it
+again; FAILED says "interrupted"). A run started again in the same workdir
+resumes from its newest checkpoint that restores, exactly: parameters end
+bitwise equal to an uninterrupted run. Only `workdir.RESUMABLE` config
+fields may change between its launches.
 
 Sections: building networks and state | the loop (logging, images,
 checkpoints, preemption, evaluation) | main. Config checks live in
@@ -30,8 +39,10 @@ run_config.py, the run's guards (signals, NaN, corrupt files) in run_guards.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging as logging_std
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable
@@ -55,6 +66,7 @@ from gsq_jax.training import run_guards
 from gsq_jax.training.run_config import paper_symbols, validate_config  # noqa: F401  (public here too)
 from gsq_jax import sharding as sharding_lib
 from gsq_jax.training import steps
+from gsq_jax.training import workdir as workdir_lib
 from gsq_jax.training import writers
 from gsq_jax.evaluation import evaluator
 from gsq_jax.models import Tokenizer
@@ -68,12 +80,8 @@ from gsq_jax.utils import compilation_cache
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED = 0, 1, 75
 
 
-class RunFailed(Exception):
-  """An error the run detected itself (bad config or data, NaN loss): FAILED + exit 1."""
-
-  def __init__(self, reason: str, step: int = 0):
-    super().__init__(reason)
-    self.reason, self.step = reason, step
+EXIT_REFUSED = 2  # the workdir belongs to another trainer or config; nothing was written
+RunFailed = run_guards.RunFailed
 
 
 # ============================================================================
@@ -245,29 +253,96 @@ def _scalars(results: dict[str, Any], prefix: str) -> dict[str, float]:
   return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> int:
-  """Trains (resuming from `workdir` if it holds checkpoints); returns the exit code."""
-  workdir = os.path.abspath(workdir)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       force_new: bool = False) -> int:
+  """Trains (resuming from `workdir` if it holds checkpoints); returns the exit code.
+
+  The workdir is claimed first (gsq_jax/training/workdir.py): a workdir in
+  use by another trainer, or trained with a different config, is refused
+  (EXIT_REFUSED) before any of its files is touched. `force_new` starts over
+  in a fresh subfolder instead. Every later failure writes FAILED.
+  """
+  workdir = _resolve_workdir(os.path.abspath(workdir), force_new)
+  config_json = json.loads(config.to_json_best_effort(sort_keys=True))
+  lock, refusal, changes = None, None, {}
+  if jax.process_index() == 0:
+    try:
+      lock = workdir_lib.claim(workdir)
+      changes = workdir_lib.check_relaunch(workdir, config_json)
+    except workdir_lib.WorkdirRefused as e:
+      refusal = str(e)
+  if _any_process(refusal is not None):
+    if lock is not None:
+      lock.release()
+    logging.error("Refused: %s", refusal or "process 0 refused the workdir (see its log)")
+    return EXIT_REFUSED
   done_path = os.path.join(workdir, "DONE")
   failed_path = os.path.join(workdir, "FAILED")
-  if os.path.exists(done_path):
-    logging.info("%s exists: the run is finished, nothing to do", done_path)
-    return EXIT_OK
+  progress = run_guards.Progress()
   try:
-    return _train(config, workdir, done_path, failed_path)
+    if os.path.exists(done_path):
+      logging.info("%s exists and the config matches: the run is finished, nothing to do",
+                   done_path)
+      return EXIT_OK
+    for key, (old, new) in changes.items():
+      logging.warning("Relaunch changes %s: %s -> %s", key, old, new)
+    return _train(config, workdir, done_path, failed_path, progress)
   except RunFailed as e:
-    logging.error("Run failed at step %d: %s", e.step, e.reason)
-    run_guards.write_json(failed_path, {"reason": e.reason, "step": e.step})
-    return EXIT_FAILED
+    return _failed(failed_path, e.reason, e.step)
+  except KeyboardInterrupt:  # Ctrl-C before the loop's handler is installed
+    return _failed(failed_path, run_guards.interrupted_reason(signal.SIGINT, progress.step, False),
+                   progress.step, interrupted=True)
+  except Exception as e:  # pylint: disable=broad-except
+    stage = progress.stage
+    if isinstance(e, checkpointing.CheckpointError) and stage != "resume":
+      stage = "checkpoint"
+    logging.exception("Run failed during %s at step %d", stage, progress.step)
+    return _failed(failed_path, run_guards.describe_failure(e, stage), progress.step)
+  finally:
+    if lock is not None:
+      lock.release()
 
 
-def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
+def _resolve_workdir(workdir: str, force_new: bool) -> str:
+  """`workdir`, or with `force_new` a fresh WORKDIR/restart-N (chosen by process 0)."""
+  if not force_new:
+    return workdir
+  fresh = workdir_lib.fresh_subfolder(workdir)
+  n = int(fresh.name[len(workdir_lib.RESTART_PREFIX):]) if str(fresh) != workdir else 0
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(n)))
+  if n:
+    workdir = os.path.join(workdir, f"{workdir_lib.RESTART_PREFIX}{n}")
+    logging.warning("--force_new: starting over in %s (resume it with --workdir %s)",
+                    workdir, workdir)
+  return workdir
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _failed(failed_path: str, reason: str, step: int, **extra) -> int:
+  """Writes FAILED {"reason", "step"} and says so last on stderr; returns EXIT_FAILED."""
+  logging.error("Run failed at step %d: %s", step, reason)
+  run_guards.write_json(failed_path, {"reason": reason, "step": step, **extra})
+  return EXIT_FAILED
+
+
+def _train(config, workdir: str, done_path: str, failed_path: str,
+           progress: run_guards.Progress) -> int:
+  progress.stage = "config"
   try:
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
   except (ValueError, FileNotFoundError) as e:
     raise RunFailed(f"invalid config: {e}") from e
   t = config.train
   is_main = jax.process_index() == 0
+  progress.stage = "start-up"
   if is_main:
     os.makedirs(workdir, exist_ok=True)
     if os.path.exists(failed_path):
@@ -281,60 +356,81 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
 
   with jax.set_mesh(mesh):
     corrupt = run_guards.CorruptFiles()
+    progress.stage = "data"
     try:
       data_iter = input_pipeline.make_train_iterator(
           config.data, global_batch_size=t.global_batch_size, image_size=t.image_size,
           seed=t.seed, sharding=sharding_lib.data_sharding(mesh), corrupt_counter=corrupt)
     except (ValueError, FileNotFoundError) as e:
       raise RunFailed(f"data: {e}") from e
+    # The first batch, before the minutes of building and compiling: a
+    # source of only corrupt or unreadable files fails here.
+    try:
+      pending = [next(data_iter)]
+    except Exception as e:  # pylint: disable=broad-except
+      raise RunFailed(run_guards.describe_failure(e, f"data ({config.data.source})")) from e
+    progress.stage = "build"
     run = build(config, mesh)
     state = run.state
+    progress.stage = "resume"
     ckpt = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None and not ckpt.has_train_state(start):
-      # Imported (gsq-import) or exported weights: fine-tune them from a fresh train state.
-      logging.info("Fine-tuning the weights of the weights-only checkpoint of step %d", start)
-      state = ckpt.restore_weights(start, state)
-    elif start is not None:
-      logging.info("Resuming from the checkpoint of step %d", start)
-      state = ckpt.restore(start, state, data_iter)
+    state, restored, skipped = ckpt.restore_latest(state, data_iter)
     start = int(state["step"])
+    progress.step = start
+    if restored is not None and ckpt.has_train_state(restored):
+      pending = []  # the iterator now continues from the checkpoint's position
+      logging.info("Resumed from the checkpoint of step %d", restored)
+    elif restored is not None:
+      # Imported (gsq-import) or exported weights: fine-tune them from a fresh train state.
+      logging.info("Fine-tuning the weights of the weights-only checkpoint of step %d", restored)
+    # Rows of steps after the checkpoint are replayed: one row per step stays.
+    writer.discard_after(start if restored is not None else -1)
     if is_main:
       logging.info("Parameters: %s\n%s", run.num_params, parameter_overview.get_parameter_overview(
           jax.device_get(state["params"]).to_pure_dict(), include_stats=False))
-    writer.write_scalars(start, {**paper_symbols(config), "num_params": run.num_params["total"],
-                                 "image_size": t.image_size,
-                                 "global_batch_size": t.global_batch_size,
-                                 "batches_per_step": run.step_cfg.batches_per_step,
-                                 "num_devices": jax.device_count(),
-                                 "num_processes": jax.process_count()})
+    run_info = {"num_devices": jax.device_count(), "num_processes": jax.process_count()}
+    resumed = {}
+    if restored is None:
+      writer.write_scalars(start, {**paper_symbols(config), "num_params": run.num_params["total"],
+                                   "image_size": t.image_size,
+                                   "global_batch_size": t.global_batch_size,
+                                   "batches_per_step": run.step_cfg.batches_per_step,
+                                   **run_info})
+    else:  # marks the first row after a resume (its own row would repeat step `start`)
+      resumed = {"resumed_from_step": start, "skipped_checkpoints": len(skipped), **run_info}
 
     def next_batch():
-      batch = {"image": next(data_iter)["image"]}
+      batch = {"image": (pending.pop() if pending else next(data_iter))["image"]}
       if run.step_cfg.two_batches_per_step:
         batch["image_d"] = next(data_iter)["image"]
       return batch
 
     evaluate = Evaluator(run, config, mesh)
-    watcher = run_guards.PreemptionWatcher(t.preemption_check_every_steps)
+
+    def stop_now(signum):  # a second Ctrl-C: FAILED, then exit without cleanup
+      run_guards.write_json(failed_path, {
+          "reason": run_guards.interrupted_reason(signum, progress.step, saved=False),
+          "step": progress.step, "interrupted": True})
+      run_guards.exit_now(signum)
+
+    watcher = run_guards.PreemptionWatcher(t.preemption_check_every_steps,
+                                           on_second_interrupt=stop_now)
     watcher.install()
     nan_watch = run_guards.NonFiniteWatch()
     meter = writers.ProgressMeter(t.total_steps, t.global_batch_size, start_step=start)
     merge = collection = accumulated = None  # clu metrics, averaged between log steps
     step = start
+    progress.stage = "train"
     try:
       while step < t.total_steps:
         if watcher.should_stop(step):
-          if step not in ckpt.all_steps():
-            ckpt.save(step, state, data_iter)
-          ckpt.close()
-          logging.warning("Stopped by signal %s at step %d after saving; exit %d",
-                          watcher.signal, step, EXIT_PREEMPTED)
-          return EXIT_PREEMPTED
+          ckpt.save(step, state, data_iter, wait=True)
+          return _interrupted(failed_path, watcher.signal, step)
         batch = next_batch()
         images = batch["image"]
         state, metrics = run.train_step(state, run.consts, batch)
         step += 1
+        progress.step = step
         nan_watch.add(step, metrics)
         if merge is None:  # the metric names are known after the first step
           collection = _metric_collection(metrics)
@@ -351,9 +447,10 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
           scalars = {k: float(v) for k, v in accumulated.compute().items()}
           scalars.update({k: float(v) for k, v in jax.device_get(usage).items()})
           scalars.update(corrupt.totals())
-          progress, line = meter.update(step)
-          scalars.update(progress)
-          writer.write_scalars(step, scalars)
+          progress_stats, line = meter.update(step)
+          scalars.update(progress_stats)
+          writer.write_scalars(step, {**scalars, **resumed})
+          resumed = {}
           logging.info("%s | g_loss %.4g | rec %.4g | usage %.1f%%", line, scalars["g_loss"],
                        scalars["rec_loss"], scalars["usage"])
           accumulated = collection.empty()
@@ -366,22 +463,25 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
           bad = nan_watch.first_bad_step()
           if bad is not None:
             raise RunFailed(f"non-finite loss at step {bad}", bad)
-          ckpt.save(step, state, data_iter)
+          ckpt.save(step, state, data_iter, wait=last)
+        elif (jax.process_count() == 1 or step % t.log_every_steps == 0) and ckpt.pending_failed():
+          ckpt.save(step, state, data_iter, wait=True)  # the one retry, now; fails -> FAILED
         if t.eval_every_steps and step % t.eval_every_steps == 0 and not last:
           # An interrupted periodic eval is dropped; the loop then saves and stops.
+          progress.stage = "evaluation"
           results = evaluate(state, os.path.join(workdir, "evals", f"step_{step:07d}"), step,
                              should_stop=watcher.should_stop)
+          progress.stage = "train"
           if results:
             writer.write_scalars(step, _scalars(results, "eval_"))
       ckpt.wait_until_finished()
       if t.final_eval:
         # The last checkpoint is complete, so a signal here can exit at once:
         # the restarted run finds step == total_steps and only evaluates.
+        progress.stage = "evaluation"
         results = evaluate(state, workdir, step, should_stop=watcher.should_stop)
         if results is None:
-          logging.warning("Stopped by signal %s during the final evaluation; exit %d",
-                          watcher.signal, EXIT_PREEMPTED)
-          return EXIT_PREEMPTED
+          return _interrupted(failed_path, watcher.signal, step)
         writer.write_scalars(step, _scalars(results, "eval_"))
     finally:
       watcher.uninstall()
@@ -391,6 +491,14 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
   run_guards.write_json(done_path, {"step": step, "time": time.time()})
   logging.info("Finished %d steps; wrote %s", step, done_path)
   return EXIT_OK
+
+
+def _interrupted(failed_path: str, signum: int, step: int) -> int:
+  """FAILED = interrupted (its checkpoint is complete); exit 75 so launchers resume it."""
+  reason = run_guards.interrupted_reason(signum, step)
+  logging.warning("Stopped: %s; exit %d", reason, EXIT_PREEMPTED)
+  run_guards.write_json(failed_path, {"reason": reason, "step": step, "interrupted": True})
+  return EXIT_PREEMPTED
 
 
 # ============================================================================
@@ -407,6 +515,9 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Number of processes (default: auto-detected).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (default: auto).")
+_FORCE_NEW = flags.DEFINE_bool(
+    "force_new", False, "Start over when --workdir already holds a trained run: the new run goes "
+    "into a fresh subfolder WORKDIR/restart-N (the old run is left as it is).")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "Call jax.distributed.initialize(): auto = on clusters or "
                                  "when a coordinator/process count is given.")
@@ -425,6 +536,7 @@ class _QuietLibraries(logging_std.Filter):
 
 def _main(argv) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(run_guards.FailureNoiseFilter())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or not _WORKDIR.value:
@@ -432,7 +544,7 @@ def _main(argv) -> None:
   compilation_cache.enable(_COMPILATION_CACHE.value)
   sharding_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                       _PROCESS_ID.value, mode=_DISTRIBUTED.value)
-  code = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  code = train_and_evaluate(_CONFIG.value, _WORKDIR.value, force_new=_FORCE_NEW.value)
   logging.flush()
   sys.exit(code)
 

@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from gsq_jax.utils import files
+
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -173,6 +175,30 @@ class MetricWriter:
       logging.info("[%d] %s", step, ", ".join(
           f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
           for k, v in row.items() if k != "step"))
+
+  def discard_after(self, step: int) -> int:
+    """Drops the metrics.jsonl rows of steps > `step`; returns how many.
+
+    A resumed run replays the steps after its checkpoint: dropping their
+    first rows keeps one row per step. A torn last line goes too.
+    """
+    if not self.active:
+      return 0
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    self._jsonl.close()
+    with open(path, encoding="utf-8") as f:
+      lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError, TypeError):
+        pass
+    if len(kept) < len(lines):
+      files.atomic_write_text(path, "".join(kept))
+    self._jsonl = open(path, "a", encoding="utf-8")
+    return len(lines) - len(kept)
 
   def write_images(self, step: int, name: str, images: Any, *,
                    ncols: int | None = None,
