@@ -333,7 +333,7 @@ def _need_configs():
 
 @pytest.mark.parametrize("name,tiny,count", [
     ("dim_vocab", False, 20), ("groups", False, 15), ("spatial", False, 12),
-    ("gsq_vs_ibq", False, 3), ("demo", False, 8), ("dim_vocab", True, 6), ("groups", True, 4),
+    ("gsq_vs_ibq", False, 3), ("demo", False, 4), ("dim_vocab", True, 6), ("groups", True, 4),
     ("spatial", True, 4), ("gsq_vs_ibq", True, 3), ("demo", True, 2)])
 def test_paper_sweeps_expand_valid(name, tiny, count):
   """Every grid point resolves through its config and passes the model-block checks.

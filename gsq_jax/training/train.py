@@ -9,10 +9,11 @@ auto-detection; `--coordinator_address` overrides, e.g. JSC's "<host>i").
 
 Workdir (other commands rely on it; gsq_jax/training/checkpointing.py, API contract):
   config.json     resolved config, written at start
-  metrics.jsonl   one JSON line per log step (first line: D, G, V, f, params)
+  metrics.jsonl   one JSON line per log step (first line: D, G, V, f, params, package
+                  versions, backend, device kind)
   checkpoints/    orbax: params, EMA, optimisers, D, RNG, counter, data position
-  images/         original / reconstruction grids every train.image_every_steps
-  tensorboard/    event files when tensorboardX is installed
+  images/         labelled original / reconstruction grids every train.image_every_steps
+  tensorboard/    event files: scalars, image grids, the config and run facts as text
   eval.json       final evaluation (gsq_jax.evaluation.evaluator)
   DONE            written last, when every step and the final eval are done
   FAILED          {"reason", "step"} when the run stops on an error it detected
@@ -30,7 +31,6 @@ run_config.py, the run's guards (signals, NaN, corrupt files) in run_guards.py.
 from __future__ import annotations
 
 import dataclasses
-import logging as logging_std
 import os
 import sys
 import time
@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from gsq_jax.training import checkpointing
+from gsq_jax.training import cli_help
 from gsq_jax.cpu_kernels import cpu_conv
 from gsq_jax.data import input_pipeline
 from gsq_jax.training import optim
@@ -63,6 +64,8 @@ from gsq_jax.models import dino as dino_lib
 from gsq_jax.models import lpips as lpips_lib
 from gsq_jax.models import parameter_counts_from_config
 from gsq_jax.models.tokenizer import COMPUTE_DTYPES
+from gsq_jax.utils import environment
+from gsq_jax.utils import quiet_logs
 
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED = 0, 1, 75
 
@@ -293,15 +296,18 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
       logging.info("Resuming from the checkpoint of step %d", start)
       state = ckpt.restore(start, state, data_iter)
     start = int(state["step"])
-    if is_main:
-      logging.info("Parameters: %s\n%s", run.num_params, parameter_overview.get_parameter_overview(
+    logging.info("Parameters: %s", ", ".join(f"{k} {v:,}" for k, v in run.num_params.items()))
+    if is_main and logging.level_debug():
+      logging.debug("Parameter table:\n%s", parameter_overview.get_parameter_overview(
           jax.device_get(state["params"]).to_pure_dict(), include_stats=False))
-    writer.write_scalars(start, {**paper_symbols(config), "num_params": run.num_params["total"],
-                                 "image_size": t.image_size,
-                                 "global_batch_size": t.global_batch_size,
-                                 "batches_per_step": run.step_cfg.batches_per_step,
-                                 "num_devices": jax.device_count(),
-                                 "num_processes": jax.process_count()})
+    writer.write_config_text(config)
+    writer.write_facts(start, {**paper_symbols(config), "num_params": run.num_params["total"],
+                               "image_size": t.image_size,
+                               "global_batch_size": t.global_batch_size,
+                               "batches_per_step": run.step_cfg.batches_per_step,
+                               "num_devices": jax.device_count(),
+                               "num_processes": jax.process_count(),
+                               **environment.run_environment(mesh.devices.flat)})
 
     def next_batch():
       batch = {"image": next(data_iter)["image"]}
@@ -329,6 +335,9 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
         images = batch["image"]
         state, metrics = run.train_step(state, run.consts, batch)
         step += 1
+        if step == start + 1:  # the ETA leaves out the compiling first step
+          jax.block_until_ready(metrics)
+          meter.restart(step)
         nan_watch.add(step, metrics)
         if merge is None:  # the metric names are known after the first step
           collection = _metric_collection(metrics)
@@ -353,9 +362,7 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
           accumulated = collection.empty()
         if t.image_every_steps and (step % t.image_every_steps == 0 or last):
           originals, recons = run.reconstruct(state["ema"], run.consts["g_rest"], images)
-          writer.write_images(step, "reconstructions",
-                              np.concatenate([np.asarray(originals), np.asarray(recons)]),
-                              ncols=t.num_image_samples)
+          writer.write_reconstructions(step, np.asarray(originals), np.asarray(recons))
         if step % t.checkpoint_every_steps == 0 or last:
           bad = nan_watch.first_bad_step()
           if bad is not None:
@@ -406,16 +413,11 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "when a coordinator/process count is given.")
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Drops INFO chatter of orbax and grain (dozens of lines per checkpoint)."""
-
-  def filter(self, record) -> bool:
-    noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
-    return record.levelno >= logging_std.WARNING or not noisy
+_FLAGS = (_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _DISTRIBUTED)
 
 
 def _main(argv) -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet_logs.install()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or not _WORKDIR.value:
@@ -429,7 +431,10 @@ def _main(argv) -> None:
 
 def main() -> None:
   """Console-script entry point (`gsq-train`)."""
-  app.run(_main)
+  if cli_help.wants_help(sys.argv):
+    print(cli_help.help_text(__doc__.split("\n\n")[0].split(": `", 1)[0] + ".", _FLAGS, sys.argv))
+    sys.exit(0)
+  app.run(_main, flags_parser=cli_help.parse_flags)
 
 
 if __name__ == "__main__":
