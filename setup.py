@@ -1,4 +1,8 @@
-"""Installable package for gsq_jax (Grouped Spherical Quantization tokenizers in JAX)."""
+"""Installable package for gsq_jax (Grouped Spherical Quantization tokenizers in JAX).
+
+Lower bounds here; the exact tested versions are in constraints.txt
+(`pip install -c constraints.txt -e ".[test]"`, as README and .ci/run do).
+"""
 
 import setuptools
 
@@ -26,6 +30,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     # Site files of the sweep launcher (sweeps/sites/*.yaml).
     "PyYAML",
+    # TensorBoard event files (scalars, image grids, config text) without TensorFlow.
+    "tensorboardX",
 ]
 
 EXTRAS_REQUIRE = {
@@ -33,7 +39,6 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8",
         "pytest-xdist>=3",  # pytest.ini runs the suite in two processes
-        "tensorboardX",
         "nbclient>=0.10",
         "nbformat>=5",
         "ipykernel>=6",
@@ -44,8 +49,6 @@ EXTRAS_REQUIRE = {
         "jupyter",
         "pyarrow",
     ],
-    # TensorBoard event files without TensorFlow.
-    "tb": ["tensorboardX"],
 }
 
 setuptools.setup(

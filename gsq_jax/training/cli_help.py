@@ -129,11 +129,11 @@ def override_error(err: Exception, argv: Sequence[str]) -> str:
   return f"{flag}: the config has no field {name!r}" + (f"; {hint}" if hint else "")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """absl `flags_parser`: flag errors as one readable line and exit status 2."""
   prog = os.path.basename(argv[0]) if argv else "gsq-train"
   try:
-    return flags.FLAGS(argv)
+    return flag_values(argv)
   except flags.Error as err:
     message = config_error(str(err))
   except (KeyError, AttributeError) as err:  # an unknown --config.BLOCK.FIELD
