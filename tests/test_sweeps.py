@@ -524,3 +524,15 @@ def test_plot_axis_has_unit_and_no_stray_legend(tmp_path):
   ax = fig.axes[0]
   assert ax.get_ylabel() == "PSNR [dB]"
   assert [t.get_text() for t in ax.get_legend().get_texts()] == ["G=2"]  # no "runs" entry
+
+
+def test_local_dry_run_names_no_manifest_it_did_not_write(toy, capsys):
+  path = _write_sweep(toy, """
+      def sweep(add):
+        add(D=8, G=1, V=64, f=4)
+  """)
+  root = toy / "runs"
+  assert launch.main([str(path), "--root", str(root), "--fast-check", "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "# dry run, nothing written" in out and "--workdir" in out
+  assert not root.exists()
