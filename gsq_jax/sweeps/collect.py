@@ -334,7 +334,7 @@ def plot(table_csv: pathlib.Path, metric: str, save: pathlib.Path) -> pathlib.Pa
   if done.empty:
     raise ValueError(f"gsq-collect --plot: no finished run has {metric!r} yet")
   by = [c for c in ("quantizer", "f", "G", "V") if c in done.columns and done[c].nunique() > 1]
-  analysis.plot_scaling(done, x="D", y=metric, by=by or ["G"], title=f"{metric} vs D",
+  analysis.plot_scaling(done, x="D", y=metric, by=by or ["G"], title=f"{tables_lib.column_label(metric)} vs D",
                         save=save)
   return save
 
