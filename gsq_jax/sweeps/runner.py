@@ -340,13 +340,17 @@ def progress(attempt: Attempt) -> str:
   """One short phrase on where a running trainer is, read from its metrics.jsonl.
 
   'step 50/100, loss 0.0812, ETA 41s, 1m05s' once a log step is written
-  (the trainer's `progress` and `eta_sec` columns); before that 'starting
-  (building, compiling)'; after the last step 'evaluating'.
+  (the trainer's `progress` and `eta_sec` columns); before that 'starting'
+  with the trainer's last log message (building, compiling); after the last
+  step 'evaluating'.
   """
   elapsed = _short_duration(_now() - attempt.started)
   row = _last_metrics_row(attempt.workdir / "metrics.jsonl")
   if row is None or not isinstance(row.get("step"), int) or row["step"] <= 0:
-    return f"starting (building, compiling), {elapsed}"
+    # Before the first log step: the trainer's last log message says how far it got.
+    last = _last_line(attempt.workdir / LOG_NAME, attempt.log_offset)
+    last = last.split("] ", 1)[1] if "] " in last and not last.startswith("====") else ""
+    return f"starting, {elapsed}" + (f": {last[:100]}" if last else "")
   step, fraction = row["step"], row.get("progress")
   total = round(step / fraction) if isinstance(fraction, (int, float)) and fraction > 0 else None
   if total and step >= total:

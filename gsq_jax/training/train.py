@@ -338,6 +338,8 @@ def _train(config, workdir: str, done_path: str, failed_path: str) -> int:
         if step == start + 1:  # the ETA leaves out the compiling first step
           jax.block_until_ready(metrics)
           meter.restart(step)
+          logging.info("First step compiled and done after %.0f s; training to step %d",
+                       meter.elapsed(), t.total_steps)
         nan_watch.add(step, metrics)
         if merge is None:  # the metric names are known after the first step
           collection = _metric_collection(metrics)

@@ -362,6 +362,10 @@ class ProgressMeter:
     self._start = self._last_time = clock()
     self._last_step = start_step
 
+  def elapsed(self) -> float:
+    """Seconds since construction."""
+    return self._clock() - self._start
+
   def restart(self, step: int) -> None:
     """Measures the next interval from now and `step` (e.g. after the compiling first step).
 
