@@ -357,8 +357,12 @@ def progress(attempt: Attempt) -> str:
     return f"step {step}/{total} done, evaluating, {elapsed}"
   loss = row.get("g_loss")
   loss = f"{loss:.4g}" if isinstance(loss, (int, float)) else str(loss)
+  eta = row.get("eta_sec")
+  if isinstance(eta, (int, float)):  # counted down since the row was written
+    with contextlib.suppress(OSError):
+      eta = max(0.0, eta - (_now() - (attempt.workdir / "metrics.jsonl").stat().st_mtime))
   return (f"step {step}{f'/{total}' if total else ''}, loss {loss}, "
-          f"ETA {_short_duration(row.get('eta_sec'))}, {elapsed}")
+          f"ETA {_short_duration(eta)}, {elapsed}")
 
 
 def wait_attempt(attempt: Attempt, *, poll_s: float = 0.5) -> int:
