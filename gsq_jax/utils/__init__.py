@@ -1,1 +1,7 @@
-"""Small helpers with no model code (e.g. reading torch checkpoints without torch)."""
+"""Small helpers with no model code.
+
+* `files.py`: atomic file writes.
+* `torch_pickle.py`: reading torch checkpoints without torch (no code execution).
+* `environment.py`: package versions, backend and device kind a run records.
+* `quiet_logs.py`: the filter that keeps orbax/grain/JAX chatter out of the console.
+"""
