@@ -20,7 +20,8 @@ OVERRIDES = {
     "train.total_steps": 100,
     # The EMA weights are evaluated; a 100-step run needs a short EMA horizon.
     "optim.ema_decay": 0.9,
-    "train.image_every_steps": 0,  # the final eval writes its own image grid
+    # Labelled grids in images/ and TensorBoard at steps 50 and 100 (eval_grid.png at the end).
+    "train.image_every_steps": 50,
 }
 TINY_OVERRIDES = {
     "train.total_steps": 4,
