@@ -203,7 +203,9 @@ def run_local(sweep: manifest_lib.Manifest, site: sites_lib.Site, *, jobs: int |
           queue.append(index)
       if progress_every_s and running and time.time() >= next_report:
         _report_progress(sweep, running)
-        next_report = max(next_report + progress_every_s, time.time() + 1.0)  # no drift
+        next_report += progress_every_s  # a fixed cadence, no drift
+        if next_report <= time.time():  # e.g. after a stretch with nothing running
+          next_report = time.time() + progress_every_s
       time.sleep(0.2)
   finally:
     for sig, handler in previous.items():
