@@ -1,4 +1,8 @@
-"""Installable package for gsq_jax (Grouped Spherical Quantization tokenizers in JAX)."""
+"""Installable package for gsq_jax (Grouped Spherical Quantization tokenizers in JAX).
+
+Lower bounds here; the exact tested versions are in constraints.txt
+(`pip install -c constraints.txt -e ".[test]"`, as README and .ci/run do).
+"""
 
 import setuptools
 
@@ -29,6 +33,8 @@ INSTALL_REQUIRES = [
     # JAX's bounded compilation cache locks it across processes with it
     # (gsq_jax/utils/compilation_cache.py).
     "filelock",
+    # TensorBoard event files (scalars, image grids, config text) without TensorFlow.
+    "tensorboardX",
 ]
 
 EXTRAS_REQUIRE = {
@@ -36,7 +42,6 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8",
         "pytest-xdist>=3",  # pytest.ini runs the suite in two processes
-        "tensorboardX",
         "nbclient>=0.10",
         "nbformat>=5",
         "ipykernel>=6",
@@ -47,8 +52,6 @@ EXTRAS_REQUIRE = {
         "jupyter",
         "pyarrow",
     ],
-    # TensorBoard event files without TensorFlow.
-    "tb": ["tensorboardX"],
 }
 
 setuptools.setup(

@@ -8,6 +8,7 @@ pairs separated by commas, and a bare `key` means `key=True`.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -49,11 +50,22 @@ def parse_int(value: str | int) -> int:
   return int(text)
 
 
+def closest(name: str, known: Any) -> str | None:
+  """The known name `name` most likely meant ('tyny' -> 'tiny', 'd' -> 'D'), or None."""
+  known = list(known)
+  by_lower = {k.lower(): k for k in known}
+  if name.lower() in by_lower:
+    return by_lower[name.lower()]
+  match = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+  return by_lower[match[0]] if match else None
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """'D=16,G=4,tiny' -> ConfigDict(D=16, G=4, tiny=True, <other defaults>).
 
   Values take the type of their default (bool, int with k/m suffixes, float,
-  str). Unknown keys raise ValueError listing the known ones.
+  str). Unknown keys raise a one-line ValueError naming the likely intended
+  key and the known ones.
   """
   out = ml_collections.ConfigDict(defaults)
   for item in (arg or "").split(","):
@@ -63,7 +75,10 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     key, has_value, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"config arg {key!r} is unknown; known args: {sorted(defaults)}")
+      guess = closest(key, defaults)
+      hint = f" (did you mean {guess!r}?)" if guess else ""
+      raise ValueError(f"config arg {key!r} is unknown{hint}; known args: "
+                       f"{', '.join(sorted(defaults))}")
     default = defaults[key]
     if not has_value and not isinstance(default, bool):
       raise ValueError(f"config arg {key!r} needs a value ({key}=...)")

@@ -19,20 +19,8 @@ Expected (paper Fig. 1b, rFID at 256² with the EMA weights): F16 D64 G4 0.45,
 F8 D16 G1 0.39. Leaves override from the command line, e.g.
 `--config.optim.lr=1e-4` (both networks) or `--config.train.total_steps=1000`.
 
-Arg keys (comma separated, `key=value`, a bare key means True):
-  D          latent dimension (model.latent_dim)
-  G          groups (model.num_groups); d = D / G channels per group
-  V          codebook size (model.codebook_size); "64k" = 65536, "256k" = 2^18
-  f          down-sampling factor (model.downsample_factor): 4, 8, 16 or 32
-  quantizer  gsq (default) | vq | ibq | fsq | lfq
-  arch       flex (default; the GSQ paper's network) | ibq (SEED-Voken's IBQ network,
-             model.ibq: 4 ResBlocks per level, attention at 16 of 256, z = D; tiny: 1 block,
-             no level attention). Any quantizer goes into either network.
-  res        training image size (default 256; tiny: 32)
-  disc       none | patchgan | dino (default dino; tiny: none)
-  seed       train.seed
-  tiny       CPU-sized: hidden 32, one ResBlock per level, demo data, float32,
-             batch 8, 300 steps, EMA 0.99, no LPIPS, no discriminator.
+Arg keys (comma separated, `key=value`, a bare key means True): ARG_HELP
+below; `gsq-train --help` prints them with their defaults.
 
 The paper symbols D, G, V, f are config.model.{latent_dim, num_groups,
 codebook_size, downsample_factor}; each run records them in config.json and
@@ -69,6 +57,22 @@ MULTIPLIERS = {
 
 ARG_DEFAULTS = dict(D=16, G=1, V=8192, f=8, quantizer="gsq", res=0, disc="", seed=0,
                     tiny=False, arch="flex")
+# One line per arg key, printed by `gsq-train --help`.
+ARG_HELP = {
+    "D": "latent dimension per latent pixel (model.latent_dim)",
+    "G": "groups the D channels are split into (model.num_groups); d = D / G per group",
+    "V": "codebook size (model.codebook_size); 64k = 65536, 256k = 2^18",
+    "f": "spatial down-sampling factor (model.downsample_factor): 4, 8, 16 or 32",
+    "quantizer": "gsq | vq | ibq | fsq | lfq",
+    "arch": "network: flex (the GSQ paper's) | ibq (SEED-Voken's IBQ network, model.ibq: 4 "
+            "ResBlocks per level, attention at 16 of 256, z = D; tiny: 1 block, no level "
+            "attention); any quantizer goes into either network",
+    "res": "training image size in pixels (0 = 256; tiny: max(32, 2 f))",
+    "disc": "discriminator: none | patchgan | dino (empty = dino; tiny: none)",
+    "seed": "train.seed (initialisation, data order, random tie-breaks)",
+    "tiny": "CPU-sized run: hidden 32, one ResBlock per level, the built-in demo photos, "
+            "float32, batch 8, no LPIPS, no discriminator",
+}
 
 
 def multipliers_for(f: int) -> tuple[int, ...]:

@@ -1,15 +1,16 @@
-"""Quickstart demo: a small D x G x f grid on the built-in `demo` photos, on a CPU.
+"""Quickstart demo: a small D x G grid on the built-in `demo` photos, on a CPU.
 
-Eight tiny GSQ tokenizers (configs/gsq.py:tiny: hidden 32, 32x32 crops of the
-scikit-image photos, MSE + quantizer loss, no discriminator), f in {4, 8} x
-D in {8, 16} x G in {1, 4}, V = 256, 100 steps each; a few minutes on a
-2-core CPU with two runs at a time:
+Four tiny GSQ tokenizers (configs/gsq.py:tiny: hidden 32, 32x32 crops of the
+scikit-image photos, MSE + quantizer loss, no discriminator), f = 4 x
+D in {8, 16} x G in {1, 4}, V = 256, 100 steps each, two runs at a time
+(the time it takes is in README's Quickstart and benchmarks/RESULTS.md):
 
   gsq-sweep sweeps/demo.py --jobs 2 && gsq-collect runs/demo --plot psnr
 
 The table has PSNR, SSIM, LPIPS (AlexNet/VGG) and codebook usage per run
 (rFID only with the Inception weights file); the plot shows PSNR against D,
-one line per (f, G). `--tiny` is the test-sized variant (2 runs, 4 steps).
+one line per G. Each run also writes eval_grid.png (originals over
+reconstructions). `--tiny` is the test-sized variant (2 runs, 4 steps).
 """
 
 NAME = "demo"
@@ -19,7 +20,8 @@ OVERRIDES = {
     "train.total_steps": 100,
     # The EMA weights are evaluated; a 100-step run needs a short EMA horizon.
     "optim.ema_decay": 0.9,
-    "train.image_every_steps": 0,  # the final eval writes its own image grid
+    # Labelled grids in images/ and TensorBoard at steps 50 and 100 (eval_grid.png at the end).
+    "train.image_every_steps": 50,
 }
 TINY_OVERRIDES = {
     "train.total_steps": 4,
@@ -36,7 +38,6 @@ def sweep(add, tiny=False):
     add(f=4, D=8, G=1, V=V)
     add(f=8, D=16, G=4, V=V)
     return
-  for f in (4, 8):
-    for D in (8, 16):
-      for G in (1, 4):
-        add(f=f, D=D, G=G, V=V)
+  for D in (8, 16):  # f = 4: 8x8 latents of the 32x32 crops
+    for G in (1, 4):
+      add(f=4, D=D, G=G, V=V)

@@ -38,8 +38,11 @@ def test_parse_arg_types_and_shorthands():
   assert (arg.D, arg.V, arg.tiny, arg.quantizer, arg.lr, arg.G) == (32, 65536, True, "ibq", 0.5, 1)
   assert common.parse_arg("V=256k", V=1).V == 2 ** 18
   assert common.parse_arg("tiny=false", tiny=True).tiny is False
-  with pytest.raises(ValueError, match="'X' is unknown; known args: \\['D'\\]"):
+  with pytest.raises(ValueError, match="'X' is unknown; known args: D$"):
     common.parse_arg("X=1", D=1)
+  with pytest.raises(ValueError, match="'tyny' is unknown \\(did you mean 'tiny'\\?\\)"):
+    common.parse_arg("tyny", D=1, tiny=False)
+  assert common.closest("d", ["D", "G"]) == "D" and common.closest("zzz", ["D"]) is None
   with pytest.raises(ValueError, match="D='a': expected an integer"):
     common.parse_arg("D=a", D=1)
   with pytest.raises(ValueError, match="'D' needs a value"):

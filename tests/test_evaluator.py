@@ -22,6 +22,7 @@ from gsq_jax.evaluation import evaluator
 from gsq_jax.evaluation import inception as inception_lib
 from gsq_jax.models import Tokenizer, default_model_config
 from gsq_jax.quantizers import codebook_stats
+from gsq_jax.training import writers
 
 S = 32  # image size
 N = 13  # images: 8 + 5 on the 8-device mesh, so one batch is padded
@@ -143,11 +144,14 @@ def test_eval_json_grid_and_protocol(eval8, image_folder, images):
   assert protocol["code_frequency_plot"] == "code_frequency.png"
   plot = np.asarray(Image.open(out / "code_frequency.png"))
   assert plot.ndim == 3 and plot.shape[0] > 100 and plot.std() > 0
-  # Grid: originals (top row) over reconstructions, GRID images wide.
+  # Grid: labelled originals (top row) over reconstructions, GRID images, >= 512 px wide.
   grid = np.asarray(Image.open(out / evaluator.GRID_FILENAME))
-  assert grid.shape == (2 * (S + 2) + 2, GRID * (S + 2) + 2, 3)
+  layout = writers.grid_layout(GRID, S, S)
+  k, top, left = layout.scale, layout.top, layout.left
+  assert grid.shape[1] == left + k * (GRID * (S + 2) + 2) >= 512
   first = np.round((images[0] * 0.5 + 0.5) * 255)
-  np.testing.assert_allclose(grid[2:2 + S, 2:2 + S], first, atol=1)
+  cell = grid[top + 2 * k:top + (2 + S) * k:k, left + 2 * k:left + (2 + S) * k:k]
+  np.testing.assert_allclose(cell, first, atol=1)
 
 
 def test_same_metrics_on_1_and_8_devices(eval1, eval8):

@@ -29,3 +29,23 @@ def test_quickstart_commands_are_installed_console_scripts():
   setup = (ROOT / "setup.py").read_text(encoding="utf-8")
   for command in re.findall(r"\.venv/bin/(gsq-[a-z]+)", " ".join(quickstart_lines())):
     assert f'"{command}=' in setup, f"{command} is not a console script in setup.py"
+
+
+def test_installs_use_the_constraints_file_of_tested_versions():
+  """Quickstart and CI install the pinned versions; the pins are what this suite runs on."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  from gsq_jax.utils import environment  # pylint: disable=import-outside-toplevel
+  for line in quickstart_lines():
+    assert "pip install -c constraints.txt -e " in line, line
+  pins = {}
+  for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+    line = line.split("#", 1)[0].strip()
+    if line:
+      name, _, version = line.partition("==")
+      assert version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+      pins[name.lower().replace("_", "-")] = version
+  for package in environment.PINNED:
+    assert package in pins, f"constraints.txt does not pin {package}"
+    assert metadata.version(package) == pins[package], (
+        f"{package} {metadata.version(package)} is installed but constraints.txt pins "
+        f"{pins[package]}: update the pin with the version the tests pass on")

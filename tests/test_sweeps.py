@@ -17,6 +17,7 @@ import json
 import os
 import pathlib
 import subprocess
+import re
 import sys
 import textwrap
 import time
@@ -94,7 +95,8 @@ for step in range(start + 1, total + 1):
               open(os.path.join(workdir, "FAILED"), "w"))
     sys.exit(1)
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-    f.write(json.dumps({"step": step, "loss": 1.0 / step, "params": 1234}) + "\\n")
+    f.write(json.dumps({"step": step, "g_loss": 1.0 / step, "params": 1234,
+                        "progress": step / total, "eta_sec": (total - step) * sleep}) + "\\n")
   open(ckpt, "w").write(str(step))
 json.dump({"psnr": 20.0 + int(conf["D"]), "ssim": 0.5, "usage": 99.0,
            "protocol": {"num_images": 8, "resolution": 16, "crop": "center", "ema": True,
@@ -137,11 +139,12 @@ def _standin_manifest(toy: pathlib.Path, body: str, root: pathlib.Path,
   return sweep
 
 
-def _run_local_cmd(root: pathlib.Path, jobs: int = 1, timeout: float | None = None) -> list[str]:
+def _run_local_cmd(root: pathlib.Path, jobs: int = 1, timeout: float | None = None,
+                   progress_every: float = 15.0) -> list[str]:
   return [sys.executable, "-c",
           "import sys; from gsq_jax.sweeps import launch, manifest, sites; "
           f"sys.exit(launch.run_local(manifest.read_manifest({str(root)!r}), sites.Site(), "
-          f"jobs={jobs}, timeout_s={timeout!r}))"]
+          f"jobs={jobs}, timeout_s={timeout!r}, progress_every_s={progress_every!r}))"]
 
 
 # ---------------------------------------------------------------------------
@@ -259,9 +262,11 @@ def test_standin_timeout_retries_then_gives_up(toy):
       def sweep(add):
         add(D=8, G=1, V=64, f=4, **{"train.total_steps": 1000, "train.sleep": 0.05})
   """, root, max_retries=1)
-  out = subprocess.run(_run_local_cmd(root, timeout=1.0), capture_output=True, text=True,
-                       timeout=60)
+  out = subprocess.run(_run_local_cmd(root, timeout=1.0, progress_every=0.3),
+                       capture_output=True, text=True, timeout=60)
   assert out.returncode == 1, out.stdout
+  # Live progress of the running trainer on the launcher's console.
+  assert re.search(r"f4_D8_G1_V64_s0: step \d+/1000, loss [\d.]+, ETA \d+s", out.stdout), out.stdout
   workdir = root / "f4_D8_G1_V64_s0"
   status = runner.read_status(workdir)
   assert status["state"] == runner.FAILED and status["failures"] == 2
@@ -333,7 +338,7 @@ def _need_configs():
 
 @pytest.mark.parametrize("name,tiny,count", [
     ("dim_vocab", False, 20), ("groups", False, 15), ("spatial", False, 12),
-    ("gsq_vs_ibq", False, 5), ("demo", False, 8), ("dim_vocab", True, 6), ("groups", True, 4),
+    ("gsq_vs_ibq", False, 5), ("demo", False, 4), ("dim_vocab", True, 6), ("groups", True, 4),
     ("spatial", True, 4), ("gsq_vs_ibq", True, 5), ("demo", True, 2), ("init_norm", False, 4),
     ("init_norm", True, 4)])
 def test_paper_sweeps_expand_valid(name, tiny, count):
@@ -453,3 +458,93 @@ def test_demo_sweep_kill_resume_nan(tmp_path, trainer_env):
   assert (done["steps"] == 4).all() and (done["images_seen"] == 32).all()
   failed = df[df["status"] == "failed"].iloc[0]
   assert failed["run"] == nan_dir.name and failed["reason"] == reason
+
+
+# ---------------------------------------------------------------------------
+# What the user reads: progress lines, table columns and notes
+# ---------------------------------------------------------------------------
+
+
+def test_progress_phrase_from_metrics(tmp_path):
+  attempt = runner.Attempt(workdir=tmp_path, process=None, started=time.time() - 65,
+                           log_offset=0)
+  assert runner.progress(attempt).startswith("starting, 1m0")
+  (tmp_path / runner.LOG_NAME).write_text(
+      "==== attempt 1\nI1205 10:53:33.032553 1 train.py:280] Mesh {'data': 1} over 1 devices\n")
+  assert runner.progress(attempt).endswith(": Mesh {'data': 1} over 1 devices")
+  facts = {"step": 0, "D": 8, "version_jax": "0.10.2"}  # the first row has no loss
+  rows = [facts, {"step": 25, "g_loss": 0.25, "progress": 0.25, "eta_sec": 61.2}]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows)
+                                          + '\n{"step": 50, "g_lo')  # a torn last line
+  assert re.match(r"step 25/100, loss 0.25, ETA (1m01s|1m00s|59s), 1m0", runner.progress(attempt))
+  written = time.time() - 20
+  os.utime(tmp_path / "metrics.jsonl", (written, written))  # the ETA counts down meanwhile
+  assert re.match(r"step 25/100, loss 0.25, ETA (41s|40s|39s), 1m0", runner.progress(attempt))
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('\n{"step": 100, "g_loss": 0.1, "progress": 1.0, "eta_sec": 0.0}\n')
+  assert runner.progress(attempt).startswith("step 100/100 done, evaluating")
+
+
+def _fake_run(root: pathlib.Path, name: str, D: int, jax_version: str) -> None:
+  workdir = root / name
+  workdir.mkdir(parents=True)
+  (workdir / "config.json").write_text(json.dumps({
+      "model": {"latent_dim": D, "num_groups": 2, "codebook_size": 64, "downsample_factor": 4,
+                "quantizer": {"name": "gsq"}},
+      "train": {"seed": 0, "total_steps": 4, "global_batch_size": 2, "image_size": 16}}))
+  first = {"step": 0, "D": D, "version_jax": jax_version, "version_flax": "0.12.8",
+           "backend": "cpu", "device_kind": "cpu"}
+  (workdir / "metrics.jsonl").write_text(json.dumps(first) + "\n" + json.dumps(
+      {"step": 4, "g_loss": 0.5, "progress": 1.0}) + "\n")
+  reason = "rFID unavailable: the FID Inception weights were not found " + "x" * 500
+  (workdir / "eval.json").write_text(json.dumps({
+      "psnr": 20.0 + D, "usage": 50.0, "rfid_status": reason,
+      "protocol": {"num_images": 8, "step": 4}}))
+  (workdir / "DONE").write_text("done")
+
+
+def test_collect_table_units_key_columns_notes_and_versions(tmp_path, capsys):
+  root = tmp_path / "runs"
+  _fake_run(root, "a", 8, "0.10.2")
+  _fake_run(root, "b", 16, "0.11.0")
+  assert collect.main([str(root), "--no-params"]) == 0
+  out, err = capsys.readouterr()
+  header = out.splitlines()[0]
+  for column in ("run", "f", "D", "G", "V", "PSNR [dB]", "usage [%]"):
+    assert f"| {column} |" in header, header
+  # The rFID paragraph is said once, not in every row of the files.
+  assert out.count("the FID Inception weights were not found") == 1
+  csv = (root / "tables" / "runs.csv").read_text()
+  assert "Inception" not in csv
+  df = load_table(root / "tables" / "runs.csv")
+  assert list(df["rfid_status"]) == ["unavailable", "unavailable"]
+  assert list(df["version_jax"]) == ["0.10.2", "0.11.0"] and set(df["backend"]) == {"cpu"}
+  assert "mixes package versions (jax 0.10.2 / 0.11.0)" in err
+  assert "flax" not in err  # one version of flax: nothing to say
+  assert (root / "tables" / "runs.md").read_text().count("Inception") == 1
+
+
+def test_plot_axis_has_unit_and_no_stray_legend(tmp_path):
+  root = tmp_path / "runs"
+  for name, D in (("a", 8), ("b", 16)):
+    _fake_run(root, name, D, "0.10.2")
+  assert collect.main([str(root), "--no-params"]) == 0
+  import matplotlib.pyplot  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  from gsq_jax import analysis  # pylint: disable=import-outside-toplevel
+  df = analysis.load_table(root / "tables" / "runs.csv")
+  fig = analysis.plot_scaling(df, x="D", y="psnr", by=["G"])
+  ax = fig.axes[0]
+  assert ax.get_ylabel() == "PSNR [dB]"
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == ["G=2"]  # no "runs" entry
+
+
+def test_local_dry_run_names_no_manifest_it_did_not_write(toy, capsys):
+  path = _write_sweep(toy, """
+      def sweep(add):
+        add(D=8, G=1, V=64, f=4)
+  """)
+  root = toy / "runs"
+  assert launch.main([str(path), "--root", str(root), "--fast-check", "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "# dry run, nothing written" in out and "--workdir" in out
+  assert not root.exists()

@@ -161,6 +161,8 @@ def test_resume_is_exact_after_sigkill_and_sigterm(tmp_path, monkeypatch):
   assert config["model"]["latent_dim"] == 8 and config["train"]["total_steps"] == total
   first = writers.read_metrics(ref_dir / "metrics.jsonl")[0]
   assert {k: first[k] for k in "DGVf"} == {"D": 8, "G": 2, "V": 64, "f": 1}
+  assert first["version_jax"] == jax.__version__ and first["backend"] == "cpu"
+  assert first["version_orbax_checkpoint"] and first["device_kind"]
   row = logged(ref_dir)[-1]
   for key in ("rec_loss", "quant_loss", "usage", "perplexity", "steps_per_sec",
               "images_per_sec", "eta_sec", "skipped", "g_grad_norm"):

@@ -111,3 +111,73 @@ def test_progress_meter():
   assert math.isnan(stats["steps_per_sec"])
   with pytest.raises(ValueError, match="must be positive"):
     writers.ProgressMeter(0, 8)
+
+
+def _tensorboard_events(folder):
+  """(tag, kind) of every summary value in the event files (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  out = []
+  for path in sorted(folder.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      length = int.from_bytes(data[pos:pos + 8], "little")
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        out.append((value.tag, value.WhichOneof("value")))
+  return out
+
+
+def test_reconstruction_grid_is_labelled_and_large():
+  originals = np.stack([np.full((8, 8, 3), v, np.float32) for v in (-1.0, 1.0, 0.0)])
+  recons = -originals
+  grid = writers.reconstruction_grid(originals, recons, step=120)
+  layout = writers.grid_layout(3, 8, 8)
+  assert grid.dtype == np.uint8 and grid.shape[1] >= 512
+  k, left, top = layout.scale, layout.left, layout.top
+  # First cell of each row, enlarged k times: original black, reconstruction white.
+  first = grid[top + 2 * k:top + 10 * k, left + 2 * k:left + 10 * k]
+  assert first.shape == (8 * k, 8 * k, 3) and (first == 0).all()
+  second_row = top + layout.row_height
+  assert (grid[second_row + 2 * k:second_row + 10 * k, left + 2 * k:left + 10 * k] == 255).all()
+  # Text: dark pixels in the label column of both rows, the header and the footer hint.
+  for y0, y1 in ((0, top), (top, second_row), (second_row, second_row + layout.row_height),
+                 (second_row + layout.row_height, grid.shape[0])):
+    assert (grid[y0:y1, :left] < 128).any(), (y0, y1)
+  no_hint = writers.reconstruction_grid(originals, recons, hint=None)
+  assert no_hint.shape[0] < grid.shape[0]
+  with pytest.raises(ValueError, match="must both have shape"):
+    writers.reconstruction_grid(originals, recons[:2])
+
+
+def test_tensorboard_text_not_one_point_scalars(tmp_path):
+  """Run facts (D, G, V, f, versions) and the config go to the Text tab, grids to Images."""
+  pytest.importorskip("tensorboardX")
+  with writers.MetricWriter(tmp_path, process_index=0, tensorboard=True) as w:
+    w.write_facts(0, {"D": 16, "G": 4, "V": 256, "f": 8, "version_jax": "0.10.2"})
+    w.write_config_text({"model": {"latent_dim": 16}})
+    w.write_scalars(10, {"g_loss": 0.5})
+    path = w.write_reconstructions(10, np.zeros((2, 8, 8, 3)), np.zeros((2, 8, 8, 3)))
+  assert path.endswith("images/reconstructions_0000010.png")
+  assert Image.open(path).size[0] >= 512
+  rows = writers.read_metrics(tmp_path / "metrics.jsonl")
+  assert rows[0] == {"step": 0, "D": 16, "G": 4, "V": 256, "f": 8, "version_jax": "0.10.2"}
+  events = _tensorboard_events(tmp_path / "tensorboard")
+  scalars = {tag for tag, kind in events if kind == "simple_value"}
+  assert scalars == {"g_loss"}  # D, G, V, f are no one-point plots
+  assert any(tag.startswith("run") and kind == "tensor" for tag, kind in events)
+  assert any(tag.startswith("config") and kind == "tensor" for tag, kind in events)
+  assert ("reconstructions", "image") in events
+
+
+def test_progress_meter_restart_leaves_out_compilation():
+  now = [0.0]
+  meter = writers.ProgressMeter(100, 8, clock=lambda: now[0])
+  now[0] += 60.0  # the first step: compilation
+  meter.restart(1)
+  now[0] += 9.0  # 9 more steps at 1 step/s
+  stats, line = meter.update(10)
+  assert stats["steps_per_sec"] == pytest.approx(1.0)
+  assert stats["eta_sec"] == pytest.approx(90.0) and "ETA 1m30s" in line
+  assert stats["elapsed_sec"] == pytest.approx(69.0)  # elapsed still counts it

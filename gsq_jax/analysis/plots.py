@@ -180,8 +180,8 @@ def plot_scaling(
       ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   if logy:
     ax.set_yscale("log")
-  ax.set_xlabel(x)
-  ax.set_ylabel(y)
+  ax.set_xlabel(tables_lib.column_label(x))
+  ax.set_ylabel(tables_lib.column_label(y))
   if title:
     ax.set_title(title)
   ax.grid(True, alpha=0.3)
@@ -196,11 +196,16 @@ def _compact_legend(ax, groups: list[tuple[str, str]], styles: dict[str, dict[st
   """One entry per group colour and one per source style, outside the axes.
 
   The plotted artists keep their full labels ("paper V=8k", "fit V=8k", ...)
-  for programmatic inspection; the legend stays short for many groups.
+  for programmatic inspection; the legend stays short for many groups. A
+  single source (only the user's runs) gets no style entry: it would explain
+  nothing.
   """
   handles = [matplotlib.lines.Line2D([], [], color=c, linewidth=6, label=l) for l, c in groups]
-  handles += [matplotlib.lines.Line2D([], [], color="0.3", label=name, **kw)
-              for name, kw in styles.items()]
+  if len(styles) > 1:
+    handles += [matplotlib.lines.Line2D([], [], color="0.3", label=name, **kw)
+                for name, kw in styles.items()]
+  if not handles:
+    return
   ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
             borderaxespad=0.0)
 
@@ -361,7 +366,7 @@ def plot_training_curves(
     if metric in logy:
       ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(tables_lib.column_label(metric))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="x-small")
   fig.tight_layout()

@@ -42,6 +42,22 @@ TEXT_COLUMNS = frozenset({
     "channel_multipliers", "rfid_status", "kid_features", "eval_source", "eval_crop",
 })
 
+# How a column is shown to people (table headers, plot axes): name and unit.
+# The files keep the plain column names, which code reads.
+COLUMN_LABELS = {
+    "psnr": "PSNR [dB]", "psnr_per_image": "PSNR per image [dB]", "ssim": "SSIM",
+    "lpips_alex": "LPIPS Alex", "lpips_vgg": "LPIPS VGG", "lpips": "LPIPS", "rfid": "rFID",
+    "fd_vgg16": "FD VGG16", "usage": "usage [%]", "group_usage_mean": "group usage [%]",
+    "product_usage": "product usage [%]", "usage_uniform_expectation": "uniform usage [%]",
+    "wall_time_s": "time [s]", "device_hours": "device [h]", "params": "params",
+}
+
+
+def column_label(column: str) -> str:
+  """'psnr' -> 'PSNR [dB]', 'usage' -> 'usage [%]'; other columns as they are."""
+  return COLUMN_LABELS.get(column, column)
+
+
 _MISSING = frozenset({"", "nan", "none", "null", "na", "n/a", "-", "–"})
 _TABLE_SUFFIXES = (".parquet", ".csv")
 

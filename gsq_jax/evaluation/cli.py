@@ -2,19 +2,22 @@
 
   gsq-eval --workdir DIR [--data SOURCE] [--num-images N] [--ema/--no-ema]
            [--step S] [--out-dir OUT] [--distributed auto|on|off] [--compilation-cache DIR|off]
+           [--verbose]
 
 Restores the tokenizer of DIR with `gsq_jax.training.checkpointing.restore_tokenizer`
 (EMA weights unless --no-ema; the default is the run's eval.use_ema, True),
 evaluates it with the run's `config.eval` settings
 (`gsq_jax.evaluation.evaluator.run_evaluation`) and writes OUT/eval.json and
 OUT/eval_grid.png (OUT defaults to DIR). Prints the flat metrics as one JSON
-line. Exit code 0 on success; bad arguments exit 2.
+line on stdout and the files written on stderr; library logs (orbax, grain)
+only with --verbose. Exit code 0 on success; bad arguments exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging as logging_std
 import os
 import sys
 from typing import Sequence
@@ -66,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "when JAX_COORDINATOR_ADDRESS etc. are set (as gsq-train)")
   parser.add_argument("--compilation-cache", default=None, metavar="DIR|off",
                       help="persistent XLA compilation cache (default: as gsq-train)")
+  parser.add_argument("--verbose", action="store_true",
+                      help="also print INFO logs (checkpoint restore, data pipeline)")
   return parser
 
 
@@ -90,8 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   from gsq_jax import sharding  # pylint: disable=g-import-not-at-top
   from gsq_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from gsq_jax.utils import compilation_cache  # pylint: disable=g-import-not-at-top
+  from gsq_jax.utils import quiet_logs  # pylint: disable=g-import-not-at-top
 
-  logging.set_verbosity(logging.INFO)
+  if args.verbose:
+    logging.set_verbosity(logging.INFO)
+  else:  # what a user reads: the JSON line below, warnings and errors
+    logging.set_verbosity(logging.WARNING)
+    quiet_logs.install(min_level=logging_std.ERROR)  # orbax: "read only" restore warnings
   compilation_cache.enable(args.compilation_cache)
   # A multi-host allocation evaluates with every host feeding its share, as training does.
   sharding.initialize_distributed(mode=args.distributed)
@@ -102,7 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   result = evaluator.run_evaluation(
       tokenizer, config, out_dir=out_dir, source=args.data, num_images=args.num_images,
       use_ema_note=ema, step=step)
-  logging.info("Wrote %s", os.path.join(out_dir, evaluator.EVAL_FILENAME))
+  written = [os.path.join(out_dir, evaluator.EVAL_FILENAME)]
+  if result["protocol"].get("grid"):
+    written.append(os.path.join(out_dir, evaluator.GRID_FILENAME))
+  print(f"gsq-eval: step {step}, {result['protocol']['num_images']} images; wrote "
+        f"{' and '.join(written)}", file=sys.stderr)
   print(json.dumps(evaluator.json_safe(evaluator.scalar_metrics(
       {**result, "step": step, "num_images": result["protocol"]["num_images"]}))))
   return 0

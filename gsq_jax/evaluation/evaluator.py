@@ -232,7 +232,7 @@ class EvaluationInterrupted(Exception):
 def evaluate(tokenizer: nnx.Module, eval_data: input_pipeline.EvalData,
              models: MetricModels, *, mesh: jax.sharding.Mesh, seed: int = 0,
              kid: bool = True, kid_subset_size: int = 1000, kid_num_subsets: int = 100,
-             fd_vgg16: bool = True, grid_images: int = 8,
+             fd_vgg16: bool = True, grid_images: int = 8, grid_step: int | None = None,
              should_stop: Callable[[int], bool] | None = None
              ) -> tuple[dict[str, Any], np.ndarray | None, dict[str, Any]]:
   """One pass over `eval_data`, whose batches are laid out by `batch_sharding(mesh)`.
@@ -340,8 +340,8 @@ def evaluate(tokenizer: nnx.Module, eval_data: input_pipeline.EvalData,
   grid = None
   if acc.grid is not None and len(acc.grid[0]):
     originals, reconstructions = acc.grid
-    grid = writers.image_grid(np.concatenate([originals, reconstructions]),
-                              ncols=len(originals), value_range=(0.0, 1.0))
+    grid = writers.reconstruction_grid(originals, reconstructions, step=grid_step,
+                                       value_range=(0.0, 1.0))
   return result, grid, info
 
 
@@ -483,7 +483,8 @@ def run_evaluation(tokenizer: nnx.Module, config: Any, *, out_dir: str | os.Path
   result, grid, info = evaluate(
       tokenizer, eval_data, models, mesh=mesh, seed=eval_cfg.seed, kid=eval_cfg.kid,
       kid_subset_size=eval_cfg.kid_subset_size, kid_num_subsets=eval_cfg.kid_num_subsets,
-      fd_vgg16=eval_cfg.fd_vgg16, grid_images=eval_cfg.grid_images, should_stop=should_stop)
+      fd_vgg16=eval_cfg.fd_vgg16, grid_images=eval_cfg.grid_images, grid_step=step,
+      should_stop=should_stop)
   out_dir = os.fspath(out_dir)
   result["protocol"] = _protocol(
       config, data_cfg, image_size=image_size, eval_data=eval_data, models=models,

@@ -6,6 +6,12 @@ device_hours) and every metric of its eval.json (the protocol block as
 eval_* columns). Runs come from every ROOT/**/sweep.json manifest (so pending
 runs show up too) and from any other folder holding a config.json.
 
+The rFID status is a short code per row (`ok` or `unavailable`); why it is
+unavailable and the fix are printed once below the table (and in each run's
+eval.json). Package versions, backend and device kind come from each run's
+first metrics row (`version_*`, `backend`, `device_kind` columns); a table
+mixing versions gets a warning.
+
 Written as ROOT/tables/NAME.csv and NAME.md (and NAME.parquet when pyarrow is
 installed), each atomically (temp file + os.replace): reading half-written
 files of running trainers is tolerated, so it is safe to run while the sweep
@@ -30,7 +36,9 @@ from typing import Any
 
 import pandas as pd
 
+from gsq_jax.analysis import tables as tables_lib
 from gsq_jax.sweeps import manifest as manifest_lib
+from gsq_jax.utils import environment
 from gsq_jax.utils import files
 from gsq_jax.sweeps import runner
 
@@ -42,10 +50,13 @@ METRIC_ORDER = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "rfid", "rfid_status"
                 "kid_std", "fd_vgg16", "usage", "perplexity", "group_usage_mean",
                 "product_usage", "tokens", "lookups", "usage_uniform_expectation", "mse",
                 "psnr_per_image")
-TAIL_COLUMNS = ("config_hash", "git_commit", "workdir")
+ENVIRONMENT_COLUMNS = (*(environment.version_key(p) for p in environment.PINNED),
+                       "version_python", "backend", "device_kind")
+TAIL_COLUMNS = (*ENVIRONMENT_COLUMNS, "config_hash", "git_commit", "workdir")
 # Shown on stdout (when present); the files hold every column.
-SUMMARY_COLUMNS = ("run", "status", "steps", "psnr", "ssim", "lpips_alex", "lpips_vgg", "rfid",
-                   "usage", "perplexity", "wall_time_s")
+SUMMARY_COLUMNS = ("run", "f", "D", "G", "V", "status", "steps", "psnr", "ssim", "lpips_alex",
+                   "lpips_vgg", "rfid", "usage", "perplexity", "wall_time_s")
+RFID_OK, RFID_UNAVAILABLE = "ok", "unavailable"
 _PARAM_KEYS = ("params", "num_params", "params/total", "param_count", "parameters",
                "params_total", "generator_params")
 
@@ -64,8 +75,8 @@ def _metrics_summary(path: pathlib.Path) -> dict[str, Any]:
           continue
         if isinstance(row.get("step"), (int, float)):
           out["steps"] = max(int(row["step"]), out.get("steps", 0))
-        for key in ("batches_per_step", "global_batch_size"):
-          if isinstance(row.get(key), int) and key not in out:
+        for key in ("batches_per_step", "global_batch_size", *ENVIRONMENT_COLUMNS):
+          if isinstance(row.get(key), (int, str)) and key not in out:
             out[key] = row[key]  # as the trainer ran it (first metrics line)
         for key in _PARAM_KEYS:
           if isinstance(row.get(key), (int, float)) and "params" not in out:
@@ -197,8 +208,12 @@ def collect_run(workdir: pathlib.Path, record: Mapping[str, Any] | None = None, 
   device_s = sum(float(h.get("device_seconds", (h["end"] - h["start"]))) for h in history
                  if "end" in h and "start" in h)
   row["device_hours"] = round(device_s / 3600.0, 6) if history else None
+  for key in ENVIRONMENT_COLUMNS:
+    row[key] = summary.get(key)
   for key, value in evaluation.items():
-    if key != "protocol":
+    if key == "rfid_status":  # a paragraph (reason + fix): said once, by `rfid_notes`
+      row[key] = RFID_OK if value == RFID_OK else RFID_UNAVAILABLE
+    elif key != "protocol":
       row[key] = _flat_metric(value)
   for key, value in protocol.items():
     if isinstance(value, dict):
@@ -209,6 +224,31 @@ def collect_run(workdir: pathlib.Path, record: Mapping[str, Any] | None = None, 
   row["git_commit"] = (sweep or {}).get("git_commit")
   row["workdir"] = str(workdir)
   return row
+
+
+def rfid_notes(df: pd.DataFrame) -> list[str]:
+  """Why rFID is unavailable, once per distinct reason (from the runs' eval.json)."""
+  if "rfid_status" not in df.columns:
+    return []
+  reasons: dict[str, int] = {}
+  for _, row in df[df["rfid_status"] == RFID_UNAVAILABLE].iterrows():
+    evaluation = manifest_lib.read_json(pathlib.Path(row["workdir"]) / "eval.json")
+    reason = evaluation.get("rfid_status") if isinstance(evaluation, dict) else None
+    if isinstance(reason, str):
+      reasons[reason] = reasons.get(reason, 0) + 1
+  return [f"rfid_status {RFID_UNAVAILABLE} ({n} run{'s' * (n > 1)}): {reason}"
+          for reason, n in reasons.items()]
+
+
+def version_warning(df: pd.DataFrame) -> str | None:
+  """A warning when the table's runs ran on different package versions, else None."""
+  mixed = environment.mixed_versions(df.to_dict("records"))
+  if not mixed:
+    return None
+  parts = "; ".join(f"{k.removeprefix(environment.VERSION_PREFIX)} {' / '.join(v)}"
+                    for k, v in mixed.items())
+  return (f"warning: this table mixes package versions ({parts}); compare its rows with care "
+          "(columns version_*)")
 
 
 def _find_runs(root: pathlib.Path) -> list[tuple[pathlib.Path, dict | None, dict | None]]:
@@ -274,12 +314,15 @@ def _format_cell(value: Any) -> str:
   return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(df: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
-  """A GitHub Markdown table (4 significant digits)."""
+def to_markdown(df: pd.DataFrame, columns: Sequence[str] | None = None,
+                notes: Sequence[str] = ()) -> str:
+  """A GitHub Markdown table (4 significant digits; headers with units), then `notes`."""
   columns = [c for c in (columns or df.columns) if c in df.columns]
-  lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+  lines = ["| " + " | ".join(tables_lib.column_label(c) for c in columns) + " |",
+           "|" + "|".join("---" for _ in columns) + "|"]
   for _, row in df[columns].iterrows():
     lines.append("| " + " | ".join(_format_cell(row[c]) for c in columns) + " |")
+  lines += ["", *notes] if notes else []
   return "\n".join(lines) + "\n"
 
 
@@ -291,8 +334,9 @@ def _has_pyarrow() -> bool:
   return True
 
 
-def write_tables(df: pd.DataFrame, out_dir: str | os.PathLike, name: str) -> list[pathlib.Path]:
-  """NAME.csv, NAME.md (and NAME.parquet with pyarrow) in out_dir, each atomically."""
+def write_tables(df: pd.DataFrame, out_dir: str | os.PathLike, name: str,
+                 notes: Sequence[str] = ()) -> list[pathlib.Path]:
+  """NAME.csv, NAME.md (with `notes` below it; NAME.parquet with pyarrow) in out_dir, atomically."""
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   written = []
@@ -300,7 +344,7 @@ def write_tables(df: pd.DataFrame, out_dir: str | os.PathLike, name: str) -> lis
   df.to_csv(csv, index=False)
   files.atomic_write_text(out_dir / f"{name}.csv", csv.getvalue())
   written.append(out_dir / f"{name}.csv")
-  files.atomic_write_text(out_dir / f"{name}.md", to_markdown(df))
+  files.atomic_write_text(out_dir / f"{name}.md", to_markdown(df, notes=notes))
   written.append(out_dir / f"{name}.md")
   if _has_pyarrow():
     tmp = out_dir / f".{name}.parquet.tmp"
@@ -326,7 +370,7 @@ def plot(table_csv: pathlib.Path, metric: str, save: pathlib.Path) -> pathlib.Pa
   if done.empty:
     raise ValueError(f"gsq-collect --plot: no finished run has {metric!r} yet")
   by = [c for c in ("quantizer", "f", "G", "V") if c in done.columns and done[c].nunique() > 1]
-  analysis.plot_scaling(done, x="D", y=metric, by=by or ["G"], title=f"{metric} vs D",
+  analysis.plot_scaling(done, x="D", y=metric, by=by or ["G"], title=f"{tables_lib.column_label(metric)} vs D",
                         save=save)
   return save
 
@@ -358,10 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   out_dir = pathlib.Path(args.out) if args.out else root / "tables"
   name = args.name or _table_name(root)
-  written = write_tables(df, out_dir, name)
+  warning = version_warning(df)
+  notes = [*rfid_notes(df), *([warning] if warning else [])]
+  written = write_tables(df, out_dir, name, notes=notes)
   columns = list(df.columns) if args.all_columns else [c for c in SUMMARY_COLUMNS
                                                         if c in df.columns]
   print(to_markdown(df, columns), end="")
+  for note in notes:
+    print(f"\n{note}", file=sys.stderr if note is warning else sys.stdout)
   counts = df["status"].value_counts().to_dict()
   print(f"\n{len(df)} runs ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
   for path in written:

@@ -106,9 +106,20 @@ class _Shutdown:
            "exit 75); launch again to resume. Repeat to kill them at once.")
 
 
+def _report_progress(sweep: manifest_lib.Manifest,
+                     running: dict[int, tuple[runner.Attempt, str | None]]) -> None:
+  """One console line per running trainer: step, loss, ETA (from its metrics.jsonl)."""
+  for index, (attempt, _) in sorted(running.items()):
+    _log(f"  {sweep.run(index).name}: {runner.progress(attempt)}")
+
+
 def run_local(sweep: manifest_lib.Manifest, site: sites_lib.Site, *, jobs: int | None,
-              timeout_s: float | None) -> int:
-  """Runs the manifest's pending runs, `jobs` at a time; returns the exit status."""
+              timeout_s: float | None, progress_every_s: float = 15.0) -> int:
+  """Runs the manifest's pending runs, `jobs` at a time; returns the exit status.
+
+  Every `progress_every_s` seconds (0 = never) it prints where each running
+  trainer is; their full logs are WORKDIR/train.log.
+  """
   gpus = visible_gpus(site)
   jobs = jobs or site.jobs or max(len(gpus), 1)
   if gpus and jobs > len(gpus):
@@ -125,6 +136,7 @@ def run_local(sweep: manifest_lib.Manifest, site: sites_lib.Site, *, jobs: int |
   waiting: dict[int, float] = {}  # run -> next time to look at its lock (orphaned trainer)
   preemptions: dict[int, int] = {}
   locked: set[int] = set()
+  next_report = time.time() + progress_every_s
   stop = _Shutdown()
   previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
   try:
@@ -166,7 +178,7 @@ def run_local(sweep: manifest_lib.Manifest, site: sites_lib.Site, *, jobs: int |
           continue
         running[index] = (attempt, gpu)
         _log(f"start {record.name}{resumed} on {f'GPU {gpu}' if gpu is not None else 'CPU'} "
-             f"-> {record.workdir}")
+             f"-> {record.workdir} (log: train.log there)")
       for index, (attempt, gpu) in list(running.items()):
         returncode = attempt.poll()
         if returncode is None:
@@ -189,6 +201,11 @@ def run_local(sweep: manifest_lib.Manifest, site: sites_lib.Site, *, jobs: int |
           _log(f"retry {record.name} later (failure {status['failures']} of at most "
                f"{sweep.max_retries + 1})")
           queue.append(index)
+      if progress_every_s and running and time.time() >= next_report:
+        _report_progress(sweep, running)
+        next_report += progress_every_s  # a fixed cadence, no drift
+        if next_report <= time.time():  # e.g. after a stretch with nothing running
+          next_report = time.time() + progress_every_s
       time.sleep(0.2)
   finally:
     for sig, handler in previous.items():
@@ -306,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip the trainer's own validate_config per point (it builds each "
                            "model abstractly, ~1 s per point); structure, config resolution "
                            "and the model block are still checked")
+  parser.add_argument("--progress-every", type=float, default=15.0, metavar="SECONDS",
+                      help="local: print each running run's step, loss and ETA this often "
+                           "(default 15; 0 = only starts and ends)")
   parser.add_argument("--run-timeout", type=float, default=None, metavar="SECONDS",
                       help="local: stop a run after this long (checkpoint, counted as failure)")
   parser.add_argument("--wait", action="store_true",
@@ -359,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep.runs = [r for r in sweep.runs if r.name not in bad]
     sweep.runs = [dataclasses.replace(r, index=i) for i, r in enumerate(sweep.runs)]
   if args.dry_run:
-    print(f"# manifest {sweep.path} (git {sweep.git_commit}), {len(sweep.runs)} runs:")
+    print(f"# dry run, nothing written (a launch writes the manifest {sweep.path}); git "
+          f"{sweep.git_commit}, {len(sweep.runs)} runs:")
     print(grid.describe(expansion.points))
   else:
     old = manifest_lib.read_json(sweep.path)
@@ -377,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for record in sweep.runs:
       print(" ".join([sweep.python, *record.train_args]))
     return 0
-  return run_local(sweep, site, jobs=args.jobs, timeout_s=args.run_timeout)
+  return run_local(sweep, site, jobs=args.jobs, timeout_s=args.run_timeout,
+                   progress_every_s=args.progress_every)
 
 
 if __name__ == "__main__":

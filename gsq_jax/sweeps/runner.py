@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import json
 import os
 import pathlib
 import signal
@@ -260,6 +261,62 @@ def finish_attempt(attempt: Attempt, returncode: int) -> dict[str, Any]:
       "device_seconds": round(elapsed * int(status.get("num_devices") or 1), 3)})
   write_status(workdir, status)
   return status
+
+
+def _last_metrics_row(path: pathlib.Path, tail_bytes: int = 16384) -> dict[str, Any] | None:
+  """The newest complete row of a metrics.jsonl with a loss (a partial last line is skipped)."""
+  try:
+    with open(path, "rb") as f:
+      f.seek(max(0, os.path.getsize(path) - tail_bytes))
+      lines = f.read().decode("utf-8", "replace").splitlines()
+  except OSError:
+    return None
+  for line in reversed(lines):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and "g_loss" in row:
+      return row
+  return None
+
+
+def _short_duration(seconds: Any) -> str:
+  try:
+    seconds = int(round(float(seconds)))
+  except (TypeError, ValueError, OverflowError):
+    return "?"
+  minutes, secs = divmod(max(seconds, 0), 60)
+  return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress(attempt: Attempt) -> str:
+  """One short phrase on where a running trainer is, read from its metrics.jsonl.
+
+  'step 50/100, loss 0.0812, ETA 41s, 1m05s' once a log step is written
+  (the trainer's `progress` and `eta_sec` columns); before that 'starting'
+  with the trainer's last log message (building, compiling); after the last
+  step 'evaluating'.
+  """
+  elapsed = _short_duration(_now() - attempt.started)
+  row = _last_metrics_row(attempt.workdir / "metrics.jsonl")
+  if row is None or not isinstance(row.get("step"), int) or row["step"] <= 0:
+    # Before the first log step: the trainer's last log message says how far it got.
+    last = _last_line(attempt.workdir / LOG_NAME, attempt.log_offset)
+    last = last.split("] ", 1)[1] if "] " in last and not last.startswith("====") else ""
+    return f"starting, {elapsed}" + (f": {last[:100]}" if last else "")
+  step, fraction = row["step"], row.get("progress")
+  total = round(step / fraction) if isinstance(fraction, (int, float)) and fraction > 0 else None
+  if total and step >= total:
+    return f"step {step}/{total} done, evaluating, {elapsed}"
+  loss = row.get("g_loss")
+  loss = f"{loss:.4g}" if isinstance(loss, (int, float)) else str(loss)
+  eta = row.get("eta_sec")
+  if isinstance(eta, (int, float)):  # counted down since the row was written
+    with contextlib.suppress(OSError):
+      eta = max(0.0, eta - (_now() - (attempt.workdir / "metrics.jsonl").stat().st_mtime))
+  return (f"step {step}{f'/{total}' if total else ''}, loss {loss}, "
+          f"ETA {_short_duration(eta)}, {elapsed}")
 
 
 def wait_attempt(attempt: Attempt, *, poll_s: float = 0.5) -> int:

@@ -4,6 +4,7 @@ Read in this order:
 
 * `train.py`: the loop and the CLI (`gsq-train` / `python -m gsq_jax.training.train`):
   build the state, restore or start, step, log, checkpoint, evaluate, DONE.
+* `cli_help.py`: `gsq-train --help` (flags and config arg keys) and one-line flag errors.
 * `steps.py`: the pure, jitted generator and discriminator steps and the usage report.
 * `losses.py`: reconstruction, perceptual, GAN and quantizer loss terms as pure functions.
 * `optim.py`: AdamW for G and D, LR schedules, gradient clipping, the EMA.

@@ -9,10 +9,11 @@ auto-detection; `--coordinator_address` overrides, e.g. JSC's "<host>i").
 
 Workdir (other commands rely on it; gsq_jax/training/checkpointing.py, API contract):
   config.json     resolved config, written at start
-  metrics.jsonl   one JSON line per log step (first line: D, G, V, f, params)
+  metrics.jsonl   one JSON line per log step (first line: D, G, V, f, params, package
+                  versions, backend, device kind)
   checkpoints/    orbax: params, EMA, optimisers, D, RNG, counter, data position
-  images/         original / reconstruction grids every train.image_every_steps
-  tensorboard/    event files when tensorboardX is installed
+  images/         labelled original / reconstruction grids every train.image_every_steps
+  tensorboard/    event files: scalars, image grids, the config and run facts as text
   eval.json       final evaluation (gsq_jax.evaluation.evaluator)
   DONE            written last, when every step and the final eval are done
   FAILED          {"reason", "step"}: why the run stopped, one line, the root
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging as logging_std
 import os
 import signal
 import sys
@@ -59,6 +59,7 @@ import numpy as np
 from flax import nnx
 
 from gsq_jax.training import checkpointing
+from gsq_jax.training import cli_help
 from gsq_jax.cpu_kernels import cpu_conv
 from gsq_jax.data import input_pipeline
 from gsq_jax.training import optim
@@ -76,6 +77,8 @@ from gsq_jax.models import lpips as lpips_lib
 from gsq_jax.models import parameter_counts_from_config
 from gsq_jax.models.tokenizer import COMPUTE_DTYPES
 from gsq_jax.utils import compilation_cache
+from gsq_jax.utils import environment
+from gsq_jax.utils import quiet_logs
 
 EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED = 0, 1, 75
 
@@ -377,25 +380,28 @@ def _train(config, workdir: str, done_path: str, failed_path: str,
     state, restored, skipped = ckpt.restore_latest(state, data_iter)
     start = int(state["step"])
     progress.step = start
-    if restored is not None and ckpt.has_train_state(restored):
+    resuming = restored is not None and ckpt.has_train_state(restored)
+    if resuming:
       pending = []  # the iterator now continues from the checkpoint's position
       logging.info("Resumed from the checkpoint of step %d", restored)
     elif restored is not None:
       # Imported (gsq-import) or exported weights: fine-tune them from a fresh train state.
       logging.info("Fine-tuning the weights of the weights-only checkpoint of step %d", restored)
     # Rows of steps after the checkpoint are replayed: one row per step stays.
-    writer.discard_after(start if restored is not None else -1)
-    if is_main:
-      logging.info("Parameters: %s\n%s", run.num_params, parameter_overview.get_parameter_overview(
+    writer.discard_after(start if resuming else -1)
+    logging.info("Parameters: %s", ", ".join(f"{k} {v:,}" for k, v in run.num_params.items()))
+    if is_main and logging.level_debug():
+      logging.debug("Parameter table:\n%s", parameter_overview.get_parameter_overview(
           jax.device_get(state["params"]).to_pure_dict(), include_stats=False))
     run_info = {"num_devices": jax.device_count(), "num_processes": jax.process_count()}
     resumed = {}
-    if restored is None:
-      writer.write_scalars(start, {**paper_symbols(config), "num_params": run.num_params["total"],
-                                   "image_size": t.image_size,
-                                   "global_batch_size": t.global_batch_size,
-                                   "batches_per_step": run.step_cfg.batches_per_step,
-                                   **run_info})
+    if not resuming:
+      writer.write_config_text(config)
+      writer.write_facts(start, {**paper_symbols(config), "num_params": run.num_params["total"],
+                                 "image_size": t.image_size,
+                                 "global_batch_size": t.global_batch_size,
+                                 "batches_per_step": run.step_cfg.batches_per_step,
+                                 **run_info, **environment.run_environment(mesh.devices.flat)})
     else:  # marks the first row after a resume (its own row would repeat step `start`)
       resumed = {"resumed_from_step": start, "skipped_checkpoints": len(skipped), **run_info}
 
@@ -431,6 +437,11 @@ def _train(config, workdir: str, done_path: str, failed_path: str,
         state, metrics = run.train_step(state, run.consts, batch)
         step += 1
         progress.step = step
+        if step == start + 1:  # the ETA leaves out the compiling first step
+          jax.block_until_ready(metrics)
+          meter.restart(step)
+          logging.info("First step compiled and done after %.0f s; training to step %d",
+                       meter.elapsed(), t.total_steps)
         nan_watch.add(step, metrics)
         if merge is None:  # the metric names are known after the first step
           collection = _metric_collection(metrics)
@@ -456,9 +467,7 @@ def _train(config, workdir: str, done_path: str, failed_path: str,
           accumulated = collection.empty()
         if t.image_every_steps and (step % t.image_every_steps == 0 or last):
           originals, recons = run.reconstruct(state["ema"], run.consts["g_rest"], images)
-          writer.write_images(step, "reconstructions",
-                              np.concatenate([np.asarray(originals), np.asarray(recons)]),
-                              ncols=t.num_image_samples)
+          writer.write_reconstructions(step, np.asarray(originals), np.asarray(recons))
         if step % t.checkpoint_every_steps == 0 or last:
           bad = nan_watch.first_bad_step()
           if bad is not None:
@@ -526,16 +535,12 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "$JAX_COMPILATION_CACHE_DIR, $GSQ_JAX_CACHE_DIR, ~/.cache/gsq_jax/xla).")
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Drops INFO chatter of orbax and grain (dozens of lines per checkpoint)."""
-
-  def filter(self, record) -> bool:
-    noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
-    return record.levelno >= logging_std.WARNING or not noisy
+_FLAGS = (_CONFIG, _WORKDIR, _FORCE_NEW, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _DISTRIBUTED,
+          _COMPILATION_CACHE)
 
 
 def _main(argv) -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet_logs.install()
   logging.get_absl_handler().addFilter(run_guards.FailureNoiseFilter())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -551,7 +556,10 @@ def _main(argv) -> None:
 
 def main() -> None:
   """Console-script entry point (`gsq-train`)."""
-  app.run(_main)
+  if cli_help.wants_help(sys.argv):
+    print(cli_help.help_text(__doc__.split("\n\n")[0].split(": `", 1)[0] + ".", _FLAGS, sys.argv))
+    sys.exit(0)
+  app.run(_main, flags_parser=cli_help.parse_flags)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ processes).
 Workdir layout written here:
   metrics.jsonl                  one line per call: {"step": s, **metrics}
   config.json                    the run config
-  images/{name}_{step:07d}.png   image grids
-  tensorboard/                   event files, when tensorboardX is installed
+  images/{name}_{step:07d}.png   image grids (reconstructions: labelled, >= 512 px wide)
+  tensorboard/                   event files (tensorboardX): scalars, images, the
+                                 config and the run's facts (D, G, V, f, versions) as text
 
 JSON has no NaN/Infinity, so non-finite values are written as the strings
 "nan", "inf" and "-inf": a diverged loss stays visible (null would read as
@@ -20,6 +21,7 @@ that for you.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +32,8 @@ from absl import logging
 import jax
 import numpy as np
 from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 from gsq_jax.utils import files
 
@@ -115,6 +119,76 @@ def image_grid(images: Any, *, ncols: int | None = None, pad: int = 2,
     top, left = pad + (i // ncols) * (h + pad), pad + (i % ncols) * (w + pad)
     grid[top:top + h, left:left + w] = image
   return grid
+
+
+EARLY_BLUR_HINT = ("Blurry reconstructions are expected early in training; "
+                   "detail comes with more steps.")
+_INK, _PAPER = (20, 20, 20), (255, 255, 255)
+_FONT_SIZE = 18
+_LINE = _FONT_SIZE + 10  # header / footer height
+_LABEL_WIDTH = 150  # room for "reconstruction"
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+  return ImageFont.load_default(size=size)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridLayout:
+  """Where `reconstruction_grid` puts things: cells are enlarged `scale` times."""
+  scale: int
+  left: int  # x of the image rows (right of the labels)
+  top: int  # y of the originals' row (below the header)
+  row_height: int  # of one enlarged row, its 2-px padding included
+
+
+def grid_layout(num_images: int, height: int, width: int, *, min_width: int = 512,
+                pad: int = 2) -> GridLayout:
+  row_width = num_images * (width + pad) + pad
+  scale = max(1, math.ceil((min_width - _LABEL_WIDTH) / row_width))
+  return GridLayout(scale, _LABEL_WIDTH, _LINE, (height + 2 * pad) * scale)
+
+
+def reconstruction_grid(originals: Any, reconstructions: Any, *, step: int | None = None,
+                        value_range: tuple[float, float] = (-1.0, 1.0),
+                        min_width: int = 512, hint: str | None = EARLY_BLUR_HINT
+                        ) -> np.ndarray:
+  """Originals over their reconstructions as one labelled uint8 image, >= `min_width` wide.
+
+  A bare grid of 32x32 crops is a few hundred pixels wide with nothing saying
+  which row is which; here each row carries its label, the header the step,
+  the footer `hint`, and cells are enlarged by an integer factor (nearest
+  neighbour, so the pixels shown are the model's own) until the image is at
+  least `min_width` pixels wide (`grid_layout` says where everything is).
+  """
+  originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
+  if originals.shape != reconstructions.shape or originals.ndim != 4:
+    raise ValueError("originals and reconstructions must both have shape (N, H, W, C), got "
+                     f"{originals.shape} and {reconstructions.shape}")
+  n, h, w = originals.shape[:3]
+  layout = grid_layout(n, h, w, min_width=min_width)
+  k = layout.scale
+  rows = [np.kron(image_grid(x, ncols=n, value_range=value_range), np.ones((k, k, 1), np.uint8))
+          for x in (originals, reconstructions)]
+  row_h, row_w = rows[0].shape[:2]
+  footer = _LINE if hint else 0
+  canvas = Image.new("RGB", (layout.left + row_w, layout.top + 2 * row_h + footer), _PAPER)
+  draw = ImageDraw.Draw(canvas)
+  font = _font(_FONT_SIZE)
+  title = "originals (top) vs reconstructions (bottom)"
+  draw.text((6, 5), f"step {step}: {title}" if step is not None else title, fill=_INK, font=font)
+  for i, (label, row) in enumerate(zip(("original", "reconstruction"), rows)):
+    top = layout.top + i * row_h
+    canvas.paste(Image.fromarray(row), (layout.left, top))
+    draw.text((6, top + row_h // 2 - _FONT_SIZE // 2), label, fill=_INK, font=font)
+  if hint:
+    draw.text((6, layout.top + 2 * row_h + 5), hint, fill=(90, 90, 90),
+              font=_font(_FONT_SIZE - 4))
+  return np.asarray(canvas)
+
+
+def _markdown_table(facts: Mapping[str, Any]) -> str:
+  return "| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in facts.items())
 
 
 class MetricWriter:
@@ -207,7 +281,9 @@ class MetricWriter:
     """Saves a PNG grid to images/{name}_{step:07d}.png; returns its path."""
     if not self.active:
       return None
-    grid = image_grid(images, ncols=ncols, value_range=value_range)
+    return self._save_image(step, name, image_grid(images, ncols=ncols, value_range=value_range))
+
+  def _save_image(self, step: int, name: str, grid: np.ndarray) -> str:
     folder = os.path.join(self.workdir, "images")
     os.makedirs(folder, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
@@ -218,6 +294,34 @@ class MetricWriter:
       self._tb.flush()
     return path
 
+  def write_reconstructions(self, step: int, originals: Any, reconstructions: Any, *,
+                            name: str = "reconstructions",
+                            value_range: tuple[float, float] = (-1.0, 1.0)) -> str | None:
+    """The labelled `reconstruction_grid` as images/{name}_{step:07d}.png (and TensorBoard)."""
+    if not self.active:
+      return None
+    grid = reconstruction_grid(originals, reconstructions, step=step, value_range=value_range)
+    return self._save_image(step, name, grid)
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    """Markdown text for TensorBoard's Text tab (no-op without TensorBoard)."""
+    if self.active and self._tb is not None:
+      self._tb.add_text(tag, text, int(step))
+      self._tb.flush()
+
+  def write_facts(self, step: int, facts: Mapping[str, Any]) -> None:
+    """Per-run constants (D, G, V, f, sizes, versions): a metrics.jsonl row, TensorBoard text.
+
+    As scalars they would be one-point plots; TensorBoard shows them as one
+    table in the Text tab instead.
+    """
+    if not self.active:
+      return
+    row = {"step": int(step), **{k: to_json_value(v, k) for k, v in facts.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    self.write_text(step, "run", _markdown_table(facts))
+
   def write_config(self, config: Any) -> str | None:
     """Writes config.json (ConfigDicts and dicts; odd leaves as repr)."""
     if not self.active:
@@ -227,7 +331,15 @@ class MetricWriter:
     path = os.path.join(self.workdir, "config.json")
     with open(path, "w", encoding="utf-8") as f:
       json.dump(_sanitize(config), f, indent=2, sort_keys=True)
+    self.write_config_text(config)
     return path
+
+  def write_config_text(self, config: Any) -> None:
+    """The config as indented JSON in TensorBoard's Text tab (config.json stays the record)."""
+    if hasattr(config, "to_dict"):
+      config = config.to_dict()
+    text = json.dumps(_sanitize(config), indent=2, sort_keys=True)
+    self.write_text(0, "config", "\n".join("    " + line for line in text.splitlines()))
 
   def flush(self) -> None:
     if self._jsonl is not None:
@@ -276,11 +388,23 @@ class ProgressMeter:
     self._start = self._last_time = clock()
     self._last_step = start_step
 
+  def elapsed(self) -> float:
+    """Seconds since construction."""
+    return self._clock() - self._start
+
+  def restart(self, step: int) -> None:
+    """Measures the next interval from now and `step` (e.g. after the compiling first step).
+
+    The first step of a run includes compilation (tens of seconds on a CPU);
+    an ETA that counts it is off by that much ("ETA 12m", then "47s").
+    """
+    self._last_time, self._last_step = self._clock(), step
+
   def update(self, step: int) -> tuple[dict[str, float], str]:
-    """Stats since the previous call (or construction) and a log line.
+    """Stats since the previous call (or construction / `restart`) and a log line.
 
     The rate is measured over the last interval only, so it tracks the
-    current speed (the first interval includes compilation).
+    current speed.
     """
     now = self._clock()
     dt, dsteps = now - self._last_time, step - self._last_step
