@@ -119,6 +119,8 @@ def test_eval_json_grid_and_protocol(eval8, image_folder, images):
   assert (protocol["resolution"], protocol["crop"], protocol["ema"], protocol["step"],
           protocol["devices"]) == (S, "center", True, 7, 8)
   assert protocol["source"] == f"folder:{image_folder}"
+  assert (protocol["tie_break"], protocol["distance_dtype"]) == ("first", "float32")
+  assert written["bits_per_image"] == (S // 2) ** 2 * 2 * 6  # h * w * G * log2(64)
   tokens = N * (S // 2) ** 2
   assert written["tokens"] == protocol["usage_tokens"] == tokens
   assert written["lookups"] == 2 * tokens
