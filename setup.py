@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     # Site files of the sweep launcher (sweeps/sites/*.yaml).
     "PyYAML",
+    # gsq-tokenize's progress bar.
+    "tqdm",
 ]
 
 EXTRAS_REQUIRE = {
@@ -65,5 +67,6 @@ setuptools.setup(
         "gsq-eval=gsq_jax.evaluation.cli:main",
         "gsq-sweep=gsq_jax.sweeps.launch:main",
         "gsq-collect=gsq_jax.sweeps.collect:main",
+        "gsq-tokenize=gsq_jax.inference.tokenize_cli:main",
     ]},
 )
