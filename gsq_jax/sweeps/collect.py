@@ -39,9 +39,9 @@ RUN_COLUMNS = ("res", "run", "sweep", "status", "reason", "steps", "total_steps"
                "params", "wall_time_s", "device_hours")
 # Preferred order of eval.json metrics; any other key follows alphabetically.
 METRIC_ORDER = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "rfid", "rfid_status", "kid_mean",
-                "kid_std", "fd_vgg16", "usage", "perplexity", "group_usage_mean",
-                "product_usage", "tokens", "lookups", "usage_uniform_expectation", "mse",
-                "psnr_per_image")
+                "kid_std", "fd_vgg16", "usage", "perplexity", "bits_per_image",
+                "group_usage_mean", "product_usage", "tokens", "lookups",
+                "usage_uniform_expectation", "mse", "psnr_per_image")
 TAIL_COLUMNS = ("config_hash", "git_commit", "workdir")
 # Shown on stdout (when present); the files hold every column.
 SUMMARY_COLUMNS = ("run", "status", "steps", "psnr", "ssim", "lpips_alex", "lpips_vgg", "rfid",
