@@ -128,3 +128,10 @@ def test_gsq_tokenize_writes_readable_shards(run, tok, images, image_folder, tmp
     tokenize_cli.main(["--workdir", str(tmp_path / "absent"), "--data", "demo", "--out",
                        str(out)])
   assert e.value.code == 2
+
+
+def test_import_gsq_jax_stays_cheap():
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  # (the lazy attribute itself is what every other test here calls)
+  code = "import sys, gsq_jax; assert 'jax' not in sys.modules, 'import gsq_jax loaded jax'"
+  subprocess.run([sys.executable, "-c", code], check=True)

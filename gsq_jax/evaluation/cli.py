@@ -30,25 +30,7 @@ from typing import Any, Sequence
 
 from absl import logging
 
-
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-  return value
-
-
-def _non_negative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = -1
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-  return value
+from gsq_jax.utils import cli_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,16 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--data", default=None, metavar="SOURCE",
                       help="eval data source, e.g. folder:PATH or tfds:imagenet2012:validation "
                       "(default: config.eval.source, then config.data.eval_source)")
-  parser.add_argument("--num-images", type=_positive_int, default=None, metavar="N",
+  parser.add_argument("--num-images", type=cli_args.positive_int, default=None, metavar="N",
                       help="evaluate the first N images only (default: config.eval.num_images)")
   parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                       help="evaluate the EMA weights (as the GSQ reference) or the raw "
                       "generator weights (--no-ema); default: config eval.use_ema (True)")
-  parser.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
+  parser.add_argument("--image-size", type=cli_args.positive_int, default=None, metavar="S",
                       help="evaluation resolution (default: the run's train.image_size)")
   parser.add_argument("--table", default=None, metavar="DIR",
                       help="also write the side-by-side table as DIR/compare.csv and .md")
-  parser.add_argument("--step", type=_non_negative_int, default=None,
+  parser.add_argument("--step", type=cli_args.non_negative_int, default=None,
                       help="checkpoint step to evaluate (default: the latest)")
   parser.add_argument("--out-dir", default=None,
                       help="where eval.json and eval_grid.png go (default: --workdir; with several "

@@ -35,17 +35,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gsq_jax.utils import cli_args
+
 MANIFEST = "tokens.json"
-
-
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-  return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,20 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--data", required=True, metavar="SOURCE",
                       help="folder:PATH, tfds:NAME[:SPLIT] or demo[:N]")
   parser.add_argument("--out", required=True, help="output folder for the shards")
-  parser.add_argument("--num-images", type=_positive_int, default=None, metavar="N",
+  parser.add_argument("--num-images", type=cli_args.positive_int, default=None, metavar="N",
                       help="tokenize the first N images only (default: all)")
-  parser.add_argument("--image-size", type=_positive_int, default=None, metavar="S",
+  parser.add_argument("--image-size", type=cli_args.positive_int, default=None, metavar="S",
                       help="square crop size (default: the run's train.image_size)")
   parser.add_argument("--crop", choices=("center", "crop_pct"), default=None,
                       help="center (resize shorter side to S) or crop_pct (timm 0.875); "
                       "default: the run's evaluation crop")
-  parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+  parser.add_argument("--batch-size", type=cli_args.positive_int, default=None, metavar="B",
                       help="images per step (default: the run's eval.batch_size)")
-  parser.add_argument("--shard-size", type=_positive_int, default=10_000, metavar="N",
+  parser.add_argument("--shard-size", type=cli_args.positive_int, default=10_000, metavar="N",
                       help="images per output shard (default 10000)")
   parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                       help="EMA weights (default) or the raw training weights (--no-ema)")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  parser.add_argument("--step", type=cli_args.non_negative_int, default=None,
+                      help="checkpoint step (default: latest)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the shards of an earlier run in --out")
   return parser
@@ -219,8 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if not os.path.isdir(args.workdir):
     parser.error(f"--workdir {args.workdir!r} is not a directory")
-  if args.step is not None and args.step < 0:
-    parser.error(f"--step must be >= 0, got {args.step}")
   try:
     manifest = tokenize_dataset(args)
   except (ValueError, FileNotFoundError) as e:
