@@ -352,3 +352,10 @@ def test_gsq_eval_compares_several_runs_on_the_same_images(tokenizer, config, tm
   assert eval_cli.main(["--workdir", str(tmp_path / "a"), "--workdir", str(tmp_path / "c")]) == 1
   err = capsys.readouterr().err
   assert "image_size is 32 for a but 16 for c" in err and "--image-size" in err
+  # --crop / --image-size make the settings equal; a crop difference names --crop.
+  from gsq_jax.evaluation import compare
+  cropped = ml_collections.ConfigDict(cheap.to_dict())
+  cropped.eval.crop = "crop_pct"
+  with pytest.raises(ValueError, match="crop is 'center' for a but 'crop_pct' for d.*--crop"):
+    compare.check_same_images({"a": compare.image_settings(cheap),
+                               "d": compare.image_settings(cropped)})

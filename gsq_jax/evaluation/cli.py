@@ -1,7 +1,7 @@
 """`gsq-eval`: evaluate the latest checkpoint of one or several run directories.
 
   gsq-eval --workdir DIR [--workdir DIR2 ...] [--data SOURCE] [--num-images N]
-           [--image-size S] [--ema/--no-ema] [--step S] [--out-dir OUT]
+           [--image-size S] [--crop center|crop_pct] [--ema/--no-ema] [--step S] [--out-dir OUT]
            [--table DIR] [--distributed auto|on|off]
 
 Restores the tokenizer of DIR with `gsq_jax.training.checkpointing.restore_tokenizer`
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "generator weights (--no-ema); default: config eval.use_ema (True)")
   parser.add_argument("--image-size", type=cli_args.positive_int, default=None, metavar="S",
                       help="evaluation resolution (default: the run's train.image_size)")
+  parser.add_argument("--crop", choices=("center", "crop_pct"), default=None,
+                      help="evaluation crop: center (resize shorter side to S) or crop_pct "
+                      "(resize S / 0.875, center crop S); default: the run's eval.crop")
   parser.add_argument("--table", default=None, metavar="DIR",
                       help="also write the side-by-side table as DIR/compare.csv and .md")
   parser.add_argument("--step", type=cli_args.non_negative_int, default=None,
@@ -76,12 +79,17 @@ def _config_use_ema(workdir: str) -> bool:
 
 def _load_configs(args) -> dict[str, Any]:
   """config.json of every workdir, with --image-size applied."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
   from gsq_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   configs = {}
   for workdir in args.workdir:
     config = checkpointing.load_config(workdir)
     if args.image_size is not None:
       config.train.image_size = args.image_size
+    if args.crop is not None:
+      if config.get("eval") is None:
+        config.eval = ml_collections.ConfigDict()
+      config.eval.crop = args.crop
     configs[workdir] = config
   return configs
 

@@ -24,7 +24,7 @@ COLUMNS = ("run", "quantizer", "f", "D", "G", "V", "step", "ema", "images", "res
            "bits_per_image", "tie_break", "distance_dtype", "workdir")
 # field -> the gsq-eval flag that sets it for every run
 _FIXES = {"source": "--data SOURCE", "num_images": "--num-images N",
-          "image_size": "--image-size S", "crop": "eval.crop in each config.json",
+          "image_size": "--image-size S", "crop": "--crop center|crop_pct",
           "crop_pct": "data.crop_pct in each config.json"}
 
 
