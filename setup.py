@@ -35,6 +35,8 @@ INSTALL_REQUIRES = [
     "filelock",
     # TensorBoard event files (scalars, image grids, config text) without TensorFlow.
     "tensorboardX",
+    # gsq-tokenize's progress bar.
+    "tqdm",
 ]
 
 EXTRAS_REQUIRE = {
@@ -72,5 +74,6 @@ setuptools.setup(
         "gsq-sweep=gsq_jax.sweeps.launch:main",
         "gsq-collect=gsq_jax.sweeps.collect:main",
         "gsq-import=gsq_jax.importers.cli:main",
+        "gsq-tokenize=gsq_jax.inference.tokenize_cli:main",
     ]},
 )

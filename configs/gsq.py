@@ -119,6 +119,24 @@ def model_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return m
 
 
+def tokenize_like_reference(config: ml_collections.ConfigDict) -> None:
+  """Training lookups as flex_gen trains (issue 15, item 3).
+
+  flex_gen breaks exact distance ties uniformly at random (`argmin_func`
+  'random') and computes the distances under bf16 autocast; measured on the
+  same weights, bf16 distances change 24-26 % of the indices and 24-32 % of
+  the tokens are exact ties. So the quantizer draws ties at random and rounds
+  its inner products to the compute dtype (bf16 in the recipes; a float32
+  run keeps float32 distances). Evaluation still uses first-index ties
+  (`nnx.view(..., tie_break="first")` in the evaluator) and records it.
+  """
+  quantizer = config.model.quantizer
+  if quantizer.name != "gsq":
+    return  # flex_gen's VQ/GVQ use torch.argmin; IBQ/FSQ/LFQ have no distance search
+  quantizer.tie_break = "random"
+  quantizer.distance_dtype = config.train.get_ref("compute_dtype")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The scaling recipe of GSQ.md §3.6 (C), or its CPU-sized `tiny` version."""
   arg = common.parse_arg(arg, **ARG_DEFAULTS)

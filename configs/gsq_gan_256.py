@@ -6,6 +6,11 @@ lr, clip 2.0, EMA 0.999, bf16 with fp32 master weights; loss MSE + 1.0 L_q
 + 1.0 VGG-LPIPS (on [0, 1]) + 0.1 non-saturating G loss; DINOv2-S/14-reg4
 projected discriminator, hinge D loss, DiffAugment color+translation+cutout,
 a fresh batch for each D step; AGN + depth-to-space, two ResBlocks per level.
+Tokenization as the reference trains (`gsq.tokenize_like_reference`): exact
+distance ties broken uniformly at random (`quantizer.tie_break="random"`),
+distances rounded to bf16 like flex_gen's autocast (`quantizer.distance_dtype`
+follows `train.compute_dtype`); `gsq-eval` uses first-index ties and records
+both in eval.json (`protocol.tie_break`, `protocol.distance_dtype`).
 This is configs/gsq.py with `res=256,disc=dino` pinned; the arg string takes
 the structural keys D, G, V, f, quantizer, seed.
 
@@ -58,4 +63,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.adversarial_weight = 0.1
   config.model.use_adaptive_norm = True
   config.model.use_depth_to_space = True
+  gsq.tokenize_like_reference(config)  # random ties, bf16 distances
   return config

@@ -7,6 +7,9 @@ V = 8192, G = 1, codebook l2(N(0, 1)), l2 lookup; loss MSE + 1.0 L_q
 cm [1, 2, 2, 4], two ResBlocks everywhere, AGN on, nearest-neighbour
 upsampling (depth-to-space is the GAN's choice, GSQ.md §2.7). Arg keys as in
 configs/gsq.py (D, G, V, f, quantizer, seed; defaults D=8,G=1,V=8192,f=8).
+Training lookups as the reference's: random tie-breaks among exact distance
+ties, bf16 distances under bf16 compute (`gsq.tokenize_like_reference`);
+evaluation uses first-index ties and records it in eval.json.
 
 Launch (one 4-GPU node; about half a day on 8 A100s):
 
@@ -55,4 +58,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.use_adaptive_norm = True
   config.model.use_depth_to_space = False
   config.eval.crop = "crop_pct"
+  gsq.tokenize_like_reference(config)  # random ties, bf16 distances
   return config

@@ -8,6 +8,22 @@ Paper symbols, used throughout the code and the configs (documented once, here):
   V  codebook size (entries of the one shared codebook)  config.model.codebook_size
   f  spatial down-sampling factor, f = 2**(len(channel_multipliers) - 1)
                                                config.model.downsample_factor
+
+Using a trained or imported run (gsq_jax/inference/api.py):
+
+  tok = gsq_jax.load_tokenizer("runs/my_run")   # ema=True
+  codes = tok.tokenize(images)                  # NHWC in [-1, 1] -> (B, h, w, G)
+  images = tok.decode_codes(codes)
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["load_tokenizer"]
+
+
+def __getattr__(name: str):
+  # Lazy: `import gsq_jax` stays cheap (no JAX, orbax or model code until used).
+  if name == "load_tokenizer":
+    from gsq_jax.inference.api import load_tokenizer  # pylint: disable=import-outside-toplevel
+    return load_tokenizer
+  raise AttributeError(f"module 'gsq_jax' has no attribute {name!r}")

@@ -140,6 +140,27 @@ def test_paper_recipes():
     train.validate_config(c, num_devices=8, process_count=1)
 
 
+def test_paper_recipes_tokenize_like_the_reference():
+  from gsq_jax.quantizers import make_quantizer  # pylint: disable=import-outside-toplevel
+  for c in (gsq_gan_256.get_config("D=16,G=4,V=1024,f=8"), gsq_vae_128.get_config()):
+    q = c.model.quantizer
+    assert (c.train.compute_dtype, q.tie_break, q.distance_dtype) == (
+        "bfloat16", "random", "bfloat16")
+    # What a run writes to config.json and gsq-eval / load_tokenizer rebuild from it.
+    saved = json.loads(json.dumps(c.to_dict()))["model"]["quantizer"]
+    module = make_quantizer(saved, latent_dim=16, num_groups=4, codebook_size=1024,
+                            rngs=nnx.Rngs(0))
+    assert (module.tie_break, module.distance_dtype) == ("random", "bfloat16")
+    # "under bf16 compute": a float32 run of the recipe keeps float32 distances.
+    c.train.compute_dtype = "float32"
+    assert (q.tie_break, q.distance_dtype) == ("random", "float32")
+  base = gsq.get_config("D=16,G=4,V=1024,f=8").model.quantizer
+  assert (base.tie_break, base.distance_dtype) == ("first", "float32")
+  # flex_gen's VQ uses torch.argmin: other quantizers keep their defaults.
+  vq = gsq_gan_256.get_config("quantizer=vq").model.quantizer
+  assert (vq.tie_break, vq.distance_dtype) == ("first", "float32")
+
+
 def test_dino_runs_refuse_to_start_without_weights(no_weights):
   c = gsq_gan_256.get_config("D=16,G=1,V=8192,f=8")
   with pytest.raises(FileNotFoundError, match="dinov2_vits14_reg4_pretrain.pth"):

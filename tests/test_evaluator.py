@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pandas as pd
 from flax import nnx
 from PIL import Image
 import pytest
@@ -74,6 +75,22 @@ def models(config):
   return evaluator.load_metric_models(config.eval)
 
 
+def save_run(workdir, config, tokenizer, *, step: int, ema_scale: float = 1.0):
+  """A run directory without training: config.json + an orbax checkpoint at `step`.
+
+  EMA = the tokenizer's weights x `ema_scale`; the raw weights are x 1.1, so
+  --no-ema must change the numbers.
+  """
+  from gsq_jax.training import checkpointing
+  from gsq_jax.training import writers
+  writers.MetricWriter(workdir, tensorboard=False).write_config(config)
+  params = nnx.state(tokenizer, nnx.Param)
+  scaled = lambda scale: jax.tree.map(lambda p: np.asarray(p) * scale, params)  # host maths
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  ckpt.save(step, {"params": scaled(1.1), "ema": scaled(ema_scale), "step": jnp.int32(step)})
+  ckpt.close()
+
+
 def _mesh(n: int):
   return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
                        devices=jax.devices()[:n])
@@ -122,6 +139,8 @@ def test_eval_json_grid_and_protocol(eval8, image_folder, images):
   assert (protocol["resolution"], protocol["crop"], protocol["ema"], protocol["step"],
           protocol["devices"]) == (S, "center", True, 7, 8)
   assert protocol["source"] == f"folder:{image_folder}"
+  assert (protocol["tie_break"], protocol["distance_dtype"]) == ("first", "float32")
+  assert written["bits_per_image"] == (S // 2) ** 2 * 2 * 6  # h * w * G * log2(64)
   tokens = N * (S // 2) ** 2
   assert written["tokens"] == protocol["usage_tokens"] == tokens
   assert written["lookups"] == 2 * tokens
@@ -295,16 +314,8 @@ def test_rfid_with_weights_in_the_official_layout(tokenizer, config, images, tmp
 
 def test_gsq_eval_cli_on_a_saved_run(tokenizer, config, tmp_path, capsys):
   """A run directory (config.json + orbax checkpoint) -> gsq-eval -> eval.json + grid."""
-  from gsq_jax.training import checkpointing
   from gsq_jax.evaluation import cli as eval_cli
-  from gsq_jax.training import writers
-  writers.MetricWriter(tmp_path, tensorboard=False).write_config(config)
-  params = nnx.state(tokenizer, nnx.Param)
-  # Raw weights that differ from the EMA ones, so --no-ema must change the numbers.
-  noisy = jax.tree.map(lambda p: np.asarray(p) * 1.1, params)  # host maths: no compiles
-  ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
-  ckpt.save(3, {"params": noisy, "ema": params, "step": jnp.int32(3)})
-  ckpt.close()
+  save_run(tmp_path, config, tokenizer, step=3)
 
   assert eval_cli.main(["--workdir", str(tmp_path)]) == 0
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -321,3 +332,46 @@ def test_gsq_eval_cli_on_a_saved_run(tokenizer, config, tmp_path, capsys):
   raw = json.loads((out / evaluator.EVAL_FILENAME).read_text())
   assert raw["protocol"]["ema"] is False and raw["protocol"]["num_images"] == 5
   assert raw["psnr"] != pytest.approx(written["psnr"], rel=1e-3)
+
+
+def test_gsq_eval_compares_several_runs_on_the_same_images(tokenizer, config, tmp_path, capsys):
+  """Two run directories -> one table; the second trains with random ties + bf16 distances."""
+  from gsq_jax.evaluation import cli as eval_cli
+  cheap = ml_collections.ConfigDict(config.to_dict())
+  cheap.eval.update(lpips=False, kid=False, fd_vgg16=False, grid_images=0)
+  reference_like = ml_collections.ConfigDict(cheap.to_dict())
+  reference_like.model.quantizer.update(tie_break="random", distance_dtype="bfloat16")
+  save_run(tmp_path / "a", cheap, tokenizer, step=3)
+  save_run(tmp_path / "b", reference_like, tokenizer, step=4, ema_scale=0.9)
+  argv = ["--workdir", str(tmp_path / "a"), "--workdir", str(tmp_path / "b"),
+          "--num-images", "4", "--table", str(tmp_path / "tables")]
+  assert eval_cli.main(argv) == 0
+  table = capsys.readouterr().out
+  header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+  for column in ("run", "psnr", "ssim", "usage", "perplexity", "bits_per_image", "tie_break",
+                 "distance_dtype"):
+    assert column in header, column
+  csv = pd.read_csv(tmp_path / "tables" / "compare.csv")
+  assert list(csv["run"]) == ["a", "b"] and list(csv["step"]) == [3, 4]
+  assert list(csv["images"]) == [4, 4] and list(csv["bits_per_image"]) == [3072, 3072]
+  # Evaluation ties are first-index whatever the run trains with; the dtype is the run's.
+  assert list(csv["tie_break"]) == ["first", "first"]
+  assert list(csv["distance_dtype"]) == ["float32", "bfloat16"]
+  written = json.loads((tmp_path / "b" / evaluator.EVAL_FILENAME).read_text())
+  assert written["psnr"] == pytest.approx(csv["psnr"][1])
+  assert csv["psnr"][0] != pytest.approx(csv["psnr"][1], rel=1e-4)  # other weights
+
+  # Runs that would see different images are refused before any evaluation.
+  other = ml_collections.ConfigDict(cheap.to_dict())
+  other.train.image_size = 16
+  save_run(tmp_path / "c", other, tokenizer, step=1)
+  assert eval_cli.main(["--workdir", str(tmp_path / "a"), "--workdir", str(tmp_path / "c")]) == 1
+  err = capsys.readouterr().err
+  assert "image_size is 32 for a but 16 for c" in err and "--image-size" in err
+  # --crop / --image-size make the settings equal; a crop difference names --crop.
+  from gsq_jax.evaluation import compare
+  cropped = ml_collections.ConfigDict(cheap.to_dict())
+  cropped.eval.crop = "crop_pct"
+  with pytest.raises(ValueError, match="crop is 'center' for a but 'crop_pct' for d.*--crop"):
+    compare.check_same_images({"a": compare.image_settings(cheap),
+                               "d": compare.image_settings(cropped)})

@@ -5,6 +5,8 @@ Read in this order:
 * `cli.py`: `gsq-eval` / `python -m gsq_jax.evaluation.cli`, restores a run and evaluates it.
 * `eval_config.py`: the `config.eval` block and its checks.
 * `evaluator.py`: the jitted, sharded evaluation pass over a data source.
+* `compare.py`: several runs (`gsq-eval --workdir A --workdir B`) on the same
+  images, one side-by-side table.
 
 The metrics it computes:
 

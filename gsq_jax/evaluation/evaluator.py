@@ -5,8 +5,9 @@ settings, streams the evaluation images once and writes `eval.json` plus a PNG
 grid of originals over reconstructions. Per global batch one jitted step,
 sharded over the mesh's batch axes, does all device work:
 
-  x in [-1, 1] -> tokenizer -> x'      (deterministic view; random tie-breaks
-                                         get a key folded from the batch index)
+  x in [-1, 1] -> tokenizer -> x'      (deterministic view: no dropout and
+                                         first-index ties even when the run
+                                         trains with random ones)
   clamp both to [-1, 1], map to [0, 1]  (GSQ.md §4.1)
   PSNR/SSIM/MSE sums (`image_metrics`), LPIPS AlexNet + VGG16 sums (inputs in
   [-1, 1]), masked so padded rows add nothing
@@ -225,6 +226,28 @@ class _Accumulator:
     self.grid = (np.clip(np.asarray(images)[keep] * 0.5 + 0.5, 0, 1), np.asarray(recon01)[keep])
 
 
+def evaluation_view(tokenizer: nnx.Module) -> nnx.Module:
+  """The tokenizer as evaluated: no dropout, deterministic first-index code ties.
+
+  A paper recipe trains with random tie-breaks (as flex_gen); evaluation
+  keeps the run's distance dtype but always picks the lowest tied index, so
+  two evaluations of the same weights give the same codes. Shares the weights.
+  """
+  return nnx.view(tokenizer, deterministic=True, tie_break="first", raise_if_not_found=False)
+
+
+def lookup_settings(tokenizer: nnx.Module) -> dict[str, str | None]:
+  """How the tokenizer's quantizer picks codes (None: no nearest-code search)."""
+  quantizer = tokenizer.quantizer
+  return {"tie_break": getattr(quantizer, "tie_break", None),
+          "distance_dtype": getattr(quantizer, "distance_dtype", None)}
+
+
+def bits_per_image(tokens_per_image: float, groups: int, codebook_size: int) -> float:
+  """Code length of one image: h * w positions x G codes x log2(V) bits."""
+  return float(tokens_per_image * groups * math.log2(codebook_size))
+
+
 class EvaluationInterrupted(Exception):
   """`should_stop` asked the evaluation to end early (a preemption signal)."""
 
@@ -245,7 +268,8 @@ def evaluate(tokenizer: nnx.Module, eval_data: input_pipeline.EvalData,
   Returns:
     (metrics, grid, info): the flat eval.json entries plus `per_group` (no
     protocol block); a uint8 grid image (originals over reconstructions) or
-    None; and `num_images`, `eval_seconds`, `images_per_second`.
+    None; and `num_images`, `eval_seconds`, `images_per_second`, `tie_break`,
+    `distance_dtype` (`lookup_settings` of the evaluated view).
   """
   mesh = _auto_mesh(mesh)
   quantizer = tokenizer.quantizer
@@ -272,7 +296,7 @@ def evaluate(tokenizer: nnx.Module, eval_data: input_pipeline.EvalData,
   kid_net = kid_net if kid else None
 
   replicated = NamedSharding(mesh, P())
-  view = nnx.view(tokenizer, deterministic=True, raise_if_not_found=False)
+  view = evaluation_view(tokenizer)
   split = [nnx.split(m) if m is not None else (None, None) for m in (view,) + nets]
   graphs = tuple(g for g, _ in split)
   states = jax.device_put(tuple(s for _, s in split), replicated)
@@ -334,9 +358,11 @@ def evaluate(tokenizer: nnx.Module, eval_data: input_pipeline.EvalData,
     result["fd_vgg16"] = frechet.frechet_distance_from_stats(acc.stats["vgg16_real"],
                                                              acc.stats["vgg16_fake"])
   result.update(_usage(counts))
+  result["bits_per_image"] = bits_per_image(result["tokens"] / num_images, groups,
+                                            codebook_size)
   info = {"num_images": num_images, "eval_seconds": seconds,
           "images_per_second": num_images / seconds if seconds > 0 else math.nan,
-          "code_counts": counts}
+          "code_counts": counts, **lookup_settings(view)}
   grid = None
   if acc.grid is not None and len(acc.grid[0]):
     originals, reconstructions = acc.grid
@@ -406,6 +432,12 @@ def _protocol(config: Any, data_cfg: Mapping[str, Any], *, image_size: int,
                "100 * (1 - exp(-lookups / V)); effective_bits = log2(perplexity); "
                "unused_codes = codes no evaluation lookup picked; codebook_norm_* = "
                "row norms of the raw codebook (cv = std / mean)",
+      "bits_per_image": "h * w * G * log2(V): the fixed-length code of one image",
+      "tie_break": "code choice among exactly tied distances during evaluation: 'first' = "
+                   "lowest index, always, whatever the run trains with; null = no "
+                   "nearest-code search (IBQ takes the first maximal logit, FSQ/LFQ round)",
+      "distance_dtype": "dtype the lookup's inner products are rounded to (the run's "
+                        "model.quantizer.distance_dtype); null = no nearest-code search",
   }
   return {
       "num_images": info["num_images"],
@@ -421,6 +453,8 @@ def _protocol(config: Any, data_cfg: Mapping[str, Any], *, image_size: int,
       "devices": int(mesh.size),
       "processes": jax.process_count(),
       "compute_dtype": _block(model, "dtype") if model is not None else None,
+      "tie_break": info["tie_break"],
+      "distance_dtype": info["distance_dtype"],
       "usage_tokens": result["tokens"],
       "eval_seconds": info["eval_seconds"],
       "images_per_second": info["images_per_second"],

@@ -12,6 +12,11 @@ Non-grouped quantizers report G = 1 and add that trailing group axis to their
 indices. `out.loss` is what the model adds to its objective: for IBQ and LFQ
 it already includes the configured entropy weight.
 
+GSQ and VQ search with `tie_break` ("first" | "random") and `distance_dtype`;
+`nnx.view(model, tie_break="first", raise_if_not_found=False)` returns a view
+that searches deterministically (evaluation, tokenization) without copying
+weights.
+
 GSQ, VQ and IBQ take `vocab_axis` (a mesh axis name) to split the codebook
 over devices (sharded.py), and `data_axis` (the mesh axis or axes the batch
 is split along); the codebook Param then carries the sharding (vocab_axis,
@@ -87,6 +92,24 @@ def _with_group_axis(out: base.QuantizerOutput) -> base.QuantizerOutput:
   return out.replace(indices=out.indices[..., None])
 
 
+TIE_BREAKS = ("first", "random")
+DISTANCE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _set_search_view(module: nnx.Module, tie_break: str | None,
+                     distance_dtype: str | None) -> None:
+  """Overrides how a nearest-code quantizer searches (`nnx.view` hook; None keeps)."""
+  if tie_break is not None:
+    if tie_break not in TIE_BREAKS:
+      raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
+    module.tie_break = tie_break
+  if distance_dtype is not None:
+    if distance_dtype not in DISTANCE_DTYPES:
+      raise ValueError(f"distance_dtype must be one of {DISTANCE_DTYPES}, "
+                       f"got {distance_dtype!r}")
+    module.distance_dtype = distance_dtype
+
+
 class GroupedSphericalQuantizer(nnx.Module):
   """GSQ: G groups of d = D / G channels looked up in one shared (V, d) codebook."""
 
@@ -103,6 +126,10 @@ class GroupedSphericalQuantizer(nnx.Module):
     self.tie_break, self.distance_dtype, self.tile_size = tie_break, distance_dtype, tile_size
     self.vocab_axis, self.data_axis = vocab_axis, sharded.as_axes(data_axis)
     self.codebook = _codebook(init, rngs, (codebook_size, latent_dim // num_groups), vocab_axis)
+
+  def set_view(self, tie_break: str | None = None, distance_dtype: str | None = None):
+    """`nnx.view(model, tie_break="first")`: evaluation's deterministic lookup."""
+    _set_search_view(self, tie_break, distance_dtype)
 
   def __call__(self, z, *, rng=None) -> base.QuantizerOutput:
     quantize = _pick(vector.gsq_quantize, sharded.sharded_gsq_quantize, self.vocab_axis,
@@ -132,6 +159,10 @@ class VectorQuantizer(nnx.Module):
     self.tie_break, self.distance_dtype, self.tile_size = tie_break, distance_dtype, tile_size
     self.vocab_axis, self.data_axis = vocab_axis, sharded.as_axes(data_axis)
     self.codebook = _codebook(init, rngs, (codebook_size, latent_dim), vocab_axis)
+
+  def set_view(self, tie_break: str | None = None, distance_dtype: str | None = None):
+    """As `GroupedSphericalQuantizer.set_view`."""
+    _set_search_view(self, tie_break, distance_dtype)
 
   def __call__(self, z, *, rng=None) -> base.QuantizerOutput:
     quantize = _pick(vector.vq_quantize, sharded.sharded_vq_quantize, self.vocab_axis,

@@ -47,9 +47,9 @@ RUN_COLUMNS = ("res", "run", "sweep", "status", "reason", "steps", "total_steps"
                "params", "wall_time_s", "device_hours")
 # Preferred order of eval.json metrics; any other key follows alphabetically.
 METRIC_ORDER = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "rfid", "rfid_status", "kid_mean",
-                "kid_std", "fd_vgg16", "usage", "perplexity", "group_usage_mean",
-                "product_usage", "tokens", "lookups", "usage_uniform_expectation", "mse",
-                "psnr_per_image")
+                "kid_std", "fd_vgg16", "usage", "perplexity", "bits_per_image",
+                "group_usage_mean", "product_usage", "tokens", "lookups",
+                "usage_uniform_expectation", "mse", "psnr_per_image")
 ENVIRONMENT_COLUMNS = (*(environment.version_key(p) for p in environment.PINNED),
                        "version_python", "backend", "device_kind")
 TAIL_COLUMNS = (*ENVIRONMENT_COLUMNS, "config_hash", "git_commit", "workdir")

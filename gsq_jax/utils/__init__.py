@@ -5,4 +5,5 @@
 * `compilation_cache.py`: JAX's persistent compilation cache, on for gsq-train, gsq-eval and sweeps.
 * `environment.py`: package versions, backend and device kind a run records.
 * `quiet_logs.py`: the filter that keeps orbax/grain/JAX chatter out of the console.
+* `cli_args.py`: argparse types shared by the console scripts.
 """
