@@ -315,34 +315,34 @@ def _missing_fields(config: Any, keys: Sequence[str]) -> list[str]:
   return missing
 
 
-def resolve_config(point: Point) -> Any:
-  """The point's config exactly as `python -m gsq_jax.training.train` will see it.
+def load_config_spec(spec: str, override_flags: Sequence[str] = ()) -> Any:
+  """`FILE:ARG` and `--config.KEY=VALUE` flags, parsed exactly as the trainer's command line.
 
-  Parses `--config FILE:ARG` and the `--config.KEY=VALUE` overrides with
-  ml_collections' config_flags on a private FlagValues, i.e. the same parser
-  the trainer's command line goes through.
+  ml_collections' config_flags on a private FlagValues (no global flags touched).
   """
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-  config_file = pathlib.Path(point.config_file)
+  config_file = pathlib.Path(spec.split(":", 1)[0])
   if not config_file.is_file():
     raise ValueError(f"config file {config_file} does not exist")
-  def parse(overrides: Sequence[str]) -> Any:
-    argv = ["gsq-sweep", f"--config={point.config_spec}", *overrides]
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values,
-                                    sys_argv=argv)
-    with _on_sys_path(config_file.parent, config_file.parent.parent), warnings.catch_warnings():
-      # config_flags loads the file with the deprecated load_module().
-      warnings.simplefilter("ignore", DeprecationWarning)
-      flag_values(argv)
-      return flag_values.config
+  argv = ["gsq-sweep", f"--config={spec}", *override_flags]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values,
+                                  sys_argv=argv)
+  with _on_sys_path(config_file.parent, config_file.parent.parent), warnings.catch_warnings():
+    # config_flags loads the file with the deprecated load_module().
+    warnings.simplefilter("ignore", DeprecationWarning)
+    flag_values(argv)
+    return flag_values.config
 
-  missing = _missing_fields(parse([]), list(point.overrides))
+
+def resolve_config(point: Point) -> Any:
+  """The point's config exactly as `python -m gsq_jax.training.train` will see it."""
+  missing = _missing_fields(load_config_spec(point.config_spec), list(point.overrides))
   if missing:
     raise ValueError(f"override(s) {missing} name no field of {point.config_spec}")
-  return parse(point.override_flags())
+  return load_config_spec(point.config_spec, point.override_flags())
 
 
 def _check_resolved(point: Point, config: Any) -> str | None:
