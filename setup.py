@@ -54,6 +54,13 @@ EXTRAS_REQUIRE = {
         "jupyter",
         "pyarrow",
     ],
+    # TensorBoard event files without TensorFlow.
+    "tb": ["tensorboardX"],
+    # gsq-plan: deviceless compilation for NVIDIA GPU / TPU targets (spec/AOT.md).
+    # The CUDA plugin matching jaxlib without the CUDA runtime wheels (+0.6 GB;
+    # jax[cuda12] is ~5.5 GB); nvcc's wheel brings the ptxas XLA needs.
+    "plan-gpu": ["jax[cuda12-local]", "nvidia-cuda-nvcc-cu12"],
+    "plan-tpu": ["jax[tpu]"],
 }
 
 setuptools.setup(
@@ -64,7 +71,8 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["gsq_jax", "gsq_jax.*"]),
-    package_data={"gsq_jax.data": ["*.json", "*.csv"]},
+    package_data={"gsq_jax.data": ["*.json", "*.csv"],
+                  "gsq_jax.planning": ["gpu_targets/*.txtpb", "gpu_targets/README.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": [
@@ -75,5 +83,6 @@ setuptools.setup(
         "gsq-collect=gsq_jax.sweeps.collect:main",
         "gsq-import=gsq_jax.importers.cli:main",
         "gsq-tokenize=gsq_jax.inference.tokenize_cli:main",
+        "gsq-plan=gsq_jax.planning.cli:main",
     ]},
 )

@@ -161,6 +161,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       gd_order="g_then_d",
       compute_dtype="bfloat16",
       fast_cpu_convs=True,  # CPU only: Winograd 3x3 convs, piecewise weight gradients (cpu_conv.py)
+      # GPU only: fraction of device memory JAX preallocates (None = JAX's 0.75);
+      # gsq-plan recommends one from the compiled step's peak memory.
+      gpu_memory_fraction=ml_collections.FieldReference(None, field_type=float),
       preemption_check_every_steps=10,  # multi-process only: agree on a signal
       inject_nan_at_step=-1,  # test hook: the generator loss turns NaN there
   ))

@@ -177,6 +177,18 @@ def make_mesh(mesh_cfg: Mapping[str, Any],
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
+def mesh_platform(mesh: Mesh) -> str:
+  """The platform of the mesh's devices ("cpu", "gpu"/"cuda", "tpu").
+
+  Device-specific code paths key on this, never on jax.default_backend():
+  the host backend is "cpu" while compiling deviceless for a GPU or TPU.
+  """
+  platforms = {d.platform for d in mesh.devices.flat}
+  if len(platforms) != 1:
+    raise ValueError(f"mesh mixes device platforms {sorted(platforms)}")
+  return platforms.pop()
+
+
 def validate_mesh(mesh_cfg: Mapping[str, Any], *, num_devices: int, global_batch_size: int,
                   quantizer: str, codebook_size: int) -> None:
   """Raises ValueError naming the field when the mesh does not fit the devices, batch or codebook."""

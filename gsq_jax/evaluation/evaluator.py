@@ -87,18 +87,28 @@ class MetricModels:
   inception_preprocess: str = "torch_fidelity"
 
 
-def load_metric_models(eval_cfg: Mapping[str, Any] | None) -> MetricModels:
-  """Loads LPIPS (VGG16, AlexNet) and, if its weights are usable, the FID Inception."""
+def load_metric_models(eval_cfg: Mapping[str, Any] | None, *,
+                       shapes_only: bool = False) -> MetricModels:
+  """Loads LPIPS (VGG16, AlexNet) and, if its weights are usable, the FID Inception.
+
+  `shapes_only`: the same networks with shape-only weights and no files read
+  (gsq-plan compiles the eval step with them, assuming the run has them all).
+  """
   cfg = resolve_eval_config(eval_cfg)
-  try:
-    inception = inception_lib.load_inception(cfg.inception_weights)
-    status = inception_lib.rfid_status(cfg.inception_weights)
-  except inception_lib.InceptionWeightsError as e:
-    inception, status = None, e.status
+  if shapes_only:
+    inception, status = inception_lib.abstract_model(), "shapes only"
+    lpips = lambda net: lpips_lib.abstract_lpips(net)
+  else:
+    lpips = lpips_lib.load_lpips
+    try:
+      inception = inception_lib.load_inception(cfg.inception_weights)
+      status = inception_lib.rfid_status(cfg.inception_weights)
+    except inception_lib.InceptionWeightsError as e:
+      inception, status = None, e.status
   need_vgg = cfg.lpips or cfg.fd_vgg16 or (cfg.kid and inception is None)
   return MetricModels(
-      lpips_vgg=lpips_lib.load_lpips("vgg16") if need_vgg else None,
-      lpips_alex=lpips_lib.load_lpips("alexnet") if cfg.lpips else None,
+      lpips_vgg=lpips("vgg16") if need_vgg else None,
+      lpips_alex=lpips("alexnet") if cfg.lpips else None,
       inception=inception, inception_status=status, report_lpips=cfg.lpips,
       inception_preprocess=cfg.inception_preprocess)
 
@@ -159,6 +169,50 @@ _eval_step = jax.jit(
     _step_impl,
     static_argnames=("graphs", "mesh", "codebook_size", "lpips_names", "inception_mode"),
     donate_argnames=("counts",))
+
+
+def _metric_nets(models: MetricModels, *, fd_vgg16: bool, kid: bool):
+  """(LPIPS-VGG16, LPIPS-AlexNet, Inception) as the step uses them, and the reported LPIPS."""
+  inception_ok = models.inception is not None
+  want_vgg_features = models.lpips_vgg is not None and (fd_vgg16 or (kid and not inception_ok))
+  nets = (models.lpips_vgg if (models.report_lpips or want_vgg_features) else None,
+          models.lpips_alex if models.report_lpips else None,
+          models.inception)
+  lpips_names = tuple(n for n, net in zip(_LPIPS_KEYS, nets[:2])
+                      if net is not None and models.report_lpips)
+  return nets, lpips_names
+
+
+def _split_nets(tokenizer: nnx.Module, nets):
+  """(graphs, states) of the tokenizer as evaluated (`evaluation_view`) and the metric networks."""
+  split = [nnx.split(m) if m is not None else (None, None)
+           for m in (evaluation_view(tokenizer),) + tuple(nets)]
+  return tuple(g for g, _ in split), tuple(s for _, s in split)
+
+
+def trace_eval_step(tokenizer: nnx.Module, models: MetricModels, mesh: jax.sharding.Mesh, *,
+                    batch_size: int, image_size: int, fd_vgg16: bool = True,
+                    kid: bool = True) -> jax.stages.Traced:
+  """One eval batch's step traced for abstract inputs (gsq-plan compiles it deviceless).
+
+  `tokenizer` and `models` may hold ShapeDtypeStructs (`load_metric_models(...,
+  shapes_only=True)`); the layout is the one `evaluate` uses.
+  """
+  mesh = _auto_mesh(mesh)
+  nets, lpips_names = _metric_nets(models, fd_vgg16=fd_vgg16, kid=kid)
+  graphs, states = _split_nets(tokenizer, nets)
+  replicated, batch = NamedSharding(mesh, P()), batch_sharding(mesh)
+  spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  states = jax.tree.map(lambda x: spec(x.shape, x.dtype, replicated), states)
+  quantizer = tokenizer.quantizer
+  codebook_size = int(quantizer.codebook_size)
+  counts = spec((int(quantizer.num_groups), codebook_size), jnp.int32, replicated)
+  images = spec((batch_size, image_size, image_size, 3), jnp.float32, batch)
+  mask = spec((batch_size,), jnp.bool_, batch)
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  return _eval_step.trace(graphs, states, counts, images, mask, rng, mesh=mesh,
+                          codebook_size=codebook_size, lpips_names=lpips_names,
+                          inception_mode=models.inception_preprocess)
 
 
 # ----------------------------------------------------------------------------
@@ -279,12 +333,7 @@ def evaluate(tokenizer: nnx.Module, eval_data: input_pipeline.EvalData,
                      f"needs a {groups} x {codebook_size} usage histogram, more than "
                      f"{_MAX_HISTOGRAM_BINS} bins")
   inception_ok = models.inception is not None
-  want_vgg_features = models.lpips_vgg is not None and (fd_vgg16 or (kid and not inception_ok))
-  nets = (models.lpips_vgg if (models.report_lpips or want_vgg_features) else None,
-          models.lpips_alex if models.report_lpips else None,
-          models.inception)
-  lpips_names = tuple(n for n, net in zip(_LPIPS_KEYS, nets[:2])
-                      if net is not None and models.report_lpips)
+  nets, lpips_names = _metric_nets(models, fd_vgg16=fd_vgg16, kid=kid)
   feature_dims = {}
   if nets[0] is not None:
     feature_dims.update(vgg16_real=frechet.VGG16_FEATURE_DIM,
@@ -296,10 +345,8 @@ def evaluate(tokenizer: nnx.Module, eval_data: input_pipeline.EvalData,
   kid_net = kid_net if kid else None
 
   replicated = NamedSharding(mesh, P())
-  view = evaluation_view(tokenizer)
-  split = [nnx.split(m) if m is not None else (None, None) for m in (view,) + nets]
-  graphs = tuple(g for g, _ in split)
-  states = jax.device_put(tuple(s for _, s in split), replicated)
+  graphs, states = _split_nets(tokenizer, nets)
+  states = jax.device_put(states, replicated)
   counts = jax.device_put(jnp.zeros((groups, codebook_size), jnp.int32), replicated)
   base_key = jax.random.key(seed)
   acc = _Accumulator(feature_dims, kid_net, grid_images)
@@ -362,7 +409,7 @@ def evaluate(tokenizer: nnx.Module, eval_data: input_pipeline.EvalData,
                                             codebook_size)
   info = {"num_images": num_images, "eval_seconds": seconds,
           "images_per_second": num_images / seconds if seconds > 0 else math.nan,
-          "code_counts": counts, **lookup_settings(view)}
+          "code_counts": counts, **lookup_settings(evaluation_view(tokenizer))}
   grid = None
   if acc.grid is not None and len(acc.grid[0]):
     originals, reconstructions = acc.grid

@@ -308,7 +308,8 @@ _LEAF_NAMES = {
 _IGNORED_SUFFIX = "num_batches_tracked"  # BatchNorm counter, if the file has one
 
 
-def _abstract_model() -> InceptionV3:
+def abstract_model() -> InceptionV3:
+  """The Inception with shape-only weights (its architecture; no file read)."""
   return nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
 
 
@@ -329,7 +330,7 @@ def _flat_torch_layout(state) -> dict[str, tuple[tuple, tuple[int, ...] | None, 
 
 def official_state_dict_shapes() -> dict[str, tuple[int, ...]]:
   """Every key of the official FID weights file with its torch shape."""
-  _, state = nnx.split(_abstract_model())
+  _, state = nnx.split(abstract_model())
   shapes = {}
   for key, (_, perm, shape) in _flat_torch_layout(state).items():
     shapes[key] = tuple(shape[i] for i in perm) if perm else shape

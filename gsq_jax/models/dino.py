@@ -11,7 +11,10 @@ PyTorch file `dinov2_vits14_reg4_pretrain.pth`, read by
 There is deliberately no randomly initialised backbone: `load_dino_backbone`
 needs the file and fails with instructions when it is missing, and a
 `DinoViT()` built without a state dict has zero weights and is marked
-`loaded=False` so the discriminator refuses it.
+`loaded=False` so the discriminator refuses it. `DinoViT(shapes_only=True)`
+under `nnx.eval_shape` is the one exception: its arrays are shapes only (known
+from the architecture), so a run can be planned and compiled without the file,
+never executed (training loads the file).
 
 Weights are `Frozen` variables (outside `nnx.Param`), read with a stop-gradient
 on the weights only: gradients still flow to the input image, as the generator
@@ -141,7 +144,9 @@ class DinoViT(nnx.Module):
   def __init__(self, state: Mapping[str, np.ndarray] | None = None, *,
                embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
                patch_size: int = 14, img_size: int = 518, num_register_tokens: int = 4,
-               mlp_ratio: int = 4, dtype: Any = jnp.float32):
+               mlp_ratio: int = 4, dtype: Any = jnp.float32, shapes_only: bool = False):
+    if shapes_only and state is not None:
+      raise ValueError("DinoViT: `shapes_only` builds placeholder weights; pass no `state`")
     r = _StateReader(state)
     grid = img_size // patch_size
     d = embed_dim
@@ -165,6 +170,7 @@ class DinoViT(nnx.Module):
                          f"{' ...' if len(unexpected) > 8 else ''} (not a "
                          f"ViT-S/14-reg{num_register_tokens} state dict?)")
     self.loaded = state is not None
+    self.shapes_only = shapes_only  # build under nnx.eval_shape: compile, never run
 
   def prepare_tokens(self, x: jax.Array) -> jax.Array:
     """Images (B, H, W, 3), ImageNet-normalised -> tokens (B, 1+R+N, dim)."""

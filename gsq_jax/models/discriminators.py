@@ -298,7 +298,7 @@ class DinoDiscriminator(nnx.Module):
   def __init__(self, backbone: dino_lib.DinoViT, *, rngs: nnx.Rngs, diffaug: bool = True,
                aug_policy: str = "color,translation,cutout", resolution: int = 518,
                taps: Sequence[int] = (2, 5, 8, 11), residual_kernel: int = 9):
-    if not backbone.loaded:
+    if not (backbone.loaded or backbone.shapes_only):
       raise ValueError("DinoDiscriminator: the backbone has no pretrained weights; build "
                        "it with gsq_jax.models.dino.load_dino_backbone(path) (a random "
                        "DINO backbone is never used)")

@@ -204,6 +204,14 @@ def load_lpips(net: str = "vgg16", path: str | os.PathLike | None = None, *,
   return LPIPS(net, read_lpips_pickle(file), dtype=dtype)
 
 
+def abstract_lpips(net: str = "vgg16", *, dtype: Any = jnp.float32) -> LPIPS:
+  """LPIPS whose weights are shapes only (the architecture's layout, no file needed).
+
+  For planning and deviceless compilation; it is never run.
+  """
+  return nnx.eval_shape(lambda: LPIPS(net, random_lpips_params(net), dtype=dtype))
+
+
 def random_lpips_params(net: str, seed: int = 0) -> dict[str, Any]:
   """Random params with the pickle's layout (for tests that need no weights)."""
   _check_net(net)

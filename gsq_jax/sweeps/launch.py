@@ -36,6 +36,8 @@ import time
 from collections.abc import Sequence
 
 from gsq_jax.sweeps import grid
+from gsq_jax.planning import cli as planning_cli
+from gsq_jax.planning import targets as targets_lib
 from gsq_jax.sweeps import manifest as manifest_lib
 from gsq_jax.sweeps import runner
 from gsq_jax.sweeps import sites as sites_lib
@@ -296,6 +298,45 @@ def _print_warnings(warnings: Sequence[grid.Invalid]) -> None:
           "is there; pass its path with --set or the site file's overrides)", file=sys.stderr)
 
 
+def plan_sweep(sweep_file: grid.SweepFile, args: argparse.Namespace, overrides: dict,
+               site: sites_lib.Site) -> int:
+  """`--plan`: every valid point planned for --target; the table, ROOT/plan.{csv,json}."""
+  try:
+    targets = [targets_lib.parse_target(s) for s in args.target or []]
+    if not targets:
+      raise ValueError("--plan needs --target, e.g. --target gpu:h100:8")
+  except ValueError as err:
+    print(f"gsq-sweep: {err}", file=sys.stderr)
+    return 2
+  targets_lib.configure_host_for_deviceless()  # before anything starts a JAX backend
+  from gsq_jax.planning import report as plan_report  # pylint: disable=import-outside-toplevel
+  expansion = grid.expand(sweep_file, tiny=args.tiny, overrides=overrides,
+                          num_devices=targets[0].num_devices, process_count=1,
+                          missing_files_ok=True, full_check=False)
+  _print_warnings(expansion.warnings)
+  for problem in expansion.invalid:
+    print(f"  invalid, not planned: {problem}", file=sys.stderr)
+  if args.root:
+    root = pathlib.Path(args.root)
+  elif site.root:
+    root = pathlib.Path(site.root) / (sweep_file.name + ("_tiny" if args.tiny else ""))
+  else:
+    root = manifest_lib.default_root(sweep_file.name, args.tiny)
+  configs = [(p.name, grid.resolve_config(p)) for p in expansion.points]
+  _log(f"planning {len(configs)} point(s) of {sweep_file.name} for {', '.join(args.target)}")
+  try:
+    plans = planning_cli.plan_configs(configs, args, on_plan=lambda p: _log(
+        f"{p.label}: {(p.alternative or p).device_hours_at_mfu:.1f} device-hours, fits "
+        f"{p.fits}{' (' + p.fix + ')' if p.fix else ''}"))
+  except (ValueError, targets_lib.ToolchainMissing) as err:
+    print(f"gsq-sweep: {err}", file=sys.stderr)
+    return 2
+  print(plan_report.format_table(plans))
+  for path in plan_report.write(plans, str(root)):
+    print(f"wrote {path}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="gsq-sweep", description=__doc__.split("\n\n")[0],
@@ -328,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default 15; 0 = only starts and ends)")
   parser.add_argument("--run-timeout", type=float, default=None, metavar="SECONDS",
                       help="local: stop a run after this long (checkpoint, counted as failure)")
+  parser.add_argument("--plan", action="store_true",
+                      help="compile every point for --target on this host instead of running "
+                      "it (gsq-plan): memory, fit, FLOPs, device-hours; writes ROOT/plan.csv")
+  planning_cli.add_plan_arguments(parser)
   parser.add_argument("--wait", action="store_true",
                       help="slurm: block until the array job has finished, then summarise")
   return parser
@@ -348,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as err:
     print(f"gsq-sweep: {err}", file=sys.stderr)
     return 2
+  if args.plan:
+    return plan_sweep(sweep_file, args, overrides, site)
   if args.backend == "slurm":
     process_count = site.nodes * site.tasks_per_node
     num_devices = site.nodes * (site.gpus_per_node or site.tasks_per_node)

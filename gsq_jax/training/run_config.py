@@ -7,6 +7,7 @@ override fails in milliseconds, not after minutes of compilation.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
@@ -30,9 +31,43 @@ def _positive_int(cfg, block: str, field: str, minimum: int = 1) -> int:
   return value
 
 
+MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+def validate_memory_fraction(value: Any) -> float | None:
+  """train.gpu_memory_fraction: None (JAX's default) or a number in (0, 1]."""
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    raise ValueError(f"train.gpu_memory_fraction must be a number in (0, 1] (the share of "
+                     f"each GPU's memory JAX preallocates; gsq-plan recommends one) or None, "
+                     f"got {value!r}")
+  return float(value)
+
+
+def apply_memory_fraction(config: ml_collections.ConfigDict) -> float | None:
+  """Sets $XLA_PYTHON_CLIENT_MEM_FRACTION from train.gpu_memory_fraction.
+
+  Must run before JAX initialises its backends (the GPU allocator reads the
+  variable once); raises RuntimeError when it is too late to take effect.
+  """
+  fraction = validate_memory_fraction(config.train.get("gpu_memory_fraction"))
+  if fraction is None:
+    return None
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError("train.gpu_memory_fraction must be applied before JAX initialises its "
+                       "backends; set $XLA_PYTHON_CLIENT_MEM_FRACTION instead")
+  os.environ[MEMORY_FRACTION_ENV] = f"{fraction:g}"
+  return fraction
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
-                    process_count: int) -> None:
-  """Raises ValueError (FileNotFoundError for weight files) naming the field and the fix."""
+                    process_count: int, need_weights: bool = True) -> None:
+  """Raises ValueError (FileNotFoundError for weight files) naming the field and the fix.
+
+  `need_weights=False` (planning: shapes only) skips the weight-file checks.
+  """
   for block in BLOCKS:
     if block not in config:
       raise ValueError(f"config.{block} is missing; start from configs/gsq.py:get_config()")
@@ -77,6 +112,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
   if t.num_image_samples > t.global_batch_size:
     raise ValueError(f"train.num_image_samples = {t.num_image_samples} must be <= "
                      f"train.global_batch_size = {t.global_batch_size}")
+  validate_memory_fraction(t.get("gpu_memory_fraction"))
+  if not need_weights:
+    return
   if config.loss.perceptual_weight > 0:
     weights_lib.find_weights("lpips_vgg16", config.loss.lpips_weights)
   if config.disc.name == "dino":

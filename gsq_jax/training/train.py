@@ -63,6 +63,7 @@ from gsq_jax.training import cli_help
 from gsq_jax.cpu_kernels import cpu_conv
 from gsq_jax.data import input_pipeline
 from gsq_jax.training import optim
+from gsq_jax.training import run_config
 from gsq_jax.training import run_guards
 from gsq_jax.training.run_config import paper_symbols, validate_config  # noqa: F401  (public here too)
 from gsq_jax import sharding as sharding_lib
@@ -92,7 +93,12 @@ RunFailed = run_guards.RunFailed
 # ============================================================================
 @dataclasses.dataclass
 class Run:
-  """Everything built for one run (jitted functions, shardings, constants)."""
+  """Everything built for one run (jitted functions, shardings, constants).
+
+  Built with `shapes_only=True`, `state` and `consts` are ShapeDtypeStructs
+  carrying their NamedShardings: enough to lower and compile every program
+  (gsq_jax/planning), nothing allocated and no weight file read.
+  """
 
   nets: steps.Networks
   step_cfg: steps.StepConfig
@@ -103,22 +109,38 @@ class Run:
   usage_report: Callable
   reconstruct: Callable
   num_params: dict[str, int]
+  shapes_only: bool = False
+
+  def batch_shapes(self, global_batch_size: int, image_size: int) -> dict[str, Any]:
+    """The train step's `batch` argument as ShapeDtypeStructs split over the mesh."""
+    spec = jax.ShapeDtypeStruct((global_batch_size, image_size, image_size, 3), np.float32,
+                                sharding=sharding_lib.data_sharding(self.nets.mesh))
+    return {"image": spec, **({"image_d": spec} if self.step_cfg.two_batches_per_step else {})}
 
 
-def build_discriminator(config: ml_collections.ConfigDict, dtype) -> nnx.Module | None:
+def build_discriminator(config: ml_collections.ConfigDict, dtype, *,
+                        shapes_only: bool = False) -> nnx.Module | None:
+  """The config's discriminator; `shapes_only`: abstract, DINO's shapes from its architecture."""
   d = config.disc
-  rngs = nnx.Rngs(config.train.seed + 1)
-  if d.name == "patchgan":
-    return disc_lib.PatchGAN(3, d.patchgan_filters, d.patchgan_layers,
-                             output_weight_scale=d.patchgan_output_scale, rngs=rngs)
-  if d.name == "dino":
-    backbone = dino_lib.load_dino_backbone(
-        d.dino_weights, expected=dino_lib.VITS14_REG if d.dino_require_vits14 else None,
-        dtype=dtype)
+  if d.name == "none":
+    return None
+
+  def make():
+    rngs = nnx.Rngs(config.train.seed + 1)
+    if d.name == "patchgan":
+      return disc_lib.PatchGAN(3, d.patchgan_filters, d.patchgan_layers,
+                               output_weight_scale=d.patchgan_output_scale, rngs=rngs)
+    if shapes_only:
+      backbone = dino_lib.DinoViT(None, dtype=dtype, shapes_only=True, **dino_lib.VITS14_REG)
+    else:
+      backbone = dino_lib.load_dino_backbone(
+          d.dino_weights, expected=dino_lib.VITS14_REG if d.dino_require_vits14 else None,
+          dtype=dtype)
     return disc_lib.DinoDiscriminator(backbone, rngs=rngs, diffaug=d.diffaug,
                                       aug_policy=d.aug_policy, resolution=d.dino_resolution,
                                       taps=tuple(d.dino_taps))
-  return None
+
+  return nnx.eval_shape(make) if shapes_only else make()
 
 
 def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -129,8 +151,25 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> dict[str, Any]:
           for k, v in state.items()}
 
 
-def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
-  """Networks, optimisers, initial state (placed on the mesh) and jitted functions."""
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` carrying `shardings` (a tree or one sharding)."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+          shapes_only: bool = False) -> Run:
+  """Networks, optimisers, initial state and jitted functions: the one construction path.
+
+  Everything is first built from shapes (abstract networks, `jax.eval_shape`
+  of the initial state, its NamedShardings on `mesh`); `shapes_only=True`
+  stops there (no device allocated, no weight file read: gsq-plan compiles
+  this for a TPU/GPU topology), otherwise the state is materialised on the
+  mesh and the frozen weights are loaded. Kernels that only suit XLA:CPU are
+  chosen by the platform of the mesh's devices, not by the host's backend.
+  """
   t = config.train
   dtype = COMPUTE_DTYPES[t.compute_dtype]
   step_cfg = steps.StepConfig.from_config(config)
@@ -147,8 +186,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
     return Tokenizer.from_config(model_cfg, rngs=nnx.Rngs(t.seed))
 
   abstract = nnx.eval_shape(new_tokenizer)
-  disc = build_discriminator(config, dtype)
-  if t.fast_cpu_convs and jax.default_backend() == "cpu":
+  disc = build_discriminator(config, dtype, shapes_only=shapes_only)
+  if t.fast_cpu_convs and sharding_lib.mesh_platform(mesh) == "cpu":
     # Faster convolutions on XLA:CPU (Winograd, piecewise weight gradients); see cpu_conv.py.
     for model in (abstract, disc):
       if model is not None:
@@ -160,12 +199,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
     d_graphdef, d_params, d_stats, frozen["d_frozen"] = steps.split_discriminator(disc)
   lpips_graphdef = None
   if config.loss.perceptual_weight > 0:
-    lpips_graphdef, frozen["lpips"] = nnx.split(
-        lpips_lib.load_lpips("vgg16", config.loss.lpips_weights, dtype=dtype))
-  if jax.process_count() > 1:
-    # Arrays built on this host enter global computations as host data
-    # (identical on every process), not as arrays committed to a local device.
-    d_params, d_stats, frozen = jax.device_get((d_params, d_stats, frozen))
+    lpips = (lpips_lib.abstract_lpips("vgg16", dtype=dtype) if shapes_only else
+             lpips_lib.load_lpips("vgg16", config.loss.lpips_weights, dtype=dtype))
+    lpips_graphdef, frozen["lpips"] = nnx.split(lpips)
   nets = steps.Networks(g_graphdef, g_tx, g_schedule, d_graphdef, d_tx, d_schedule,
                         lpips_graphdef, mesh)
 
@@ -178,22 +214,12 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
 
   state_shape, rest_shape = jax.eval_shape(init, d_params, d_stats)
   shardings = state_shardings(state_shape, mesh)
-  # One process: the initial state is computed by one jitted program on one
-  # device, then laid out on the mesh; the same program serves every mesh (one
-  # compilation, cached across runs; a tokenizer of 10^8 parameters fits one
-  # device). Several processes: created directly in the global shards.
-  # It runs once, so XLA's backend optimisations would only cost compile time.
-  out_shardings = None
-  if jax.process_count() > 1:
-    out_shardings = (shardings, jax.tree.map(lambda _: replicated, rest_shape))
-  init = jax.jit(init, out_shardings=out_shardings).lower(d_params, d_stats).compile(
-      compiler_options={"xla_backend_optimization_level": 0,
-                        "xla_llvm_disable_expensive_passes": True})
-  state, g_rest = init(d_params, d_stats)
-  state = jax.device_put(state, shardings)
-  consts = jax.device_put({**frozen, "inject_nan_at_step": np.int32(t.inject_nan_at_step)},
-                          replicated)
-  consts["g_rest"] = jax.device_put(g_rest, replicated)
+  consts = {**frozen, "inject_nan_at_step": np.int32(t.inject_nan_at_step)}
+  if shapes_only:
+    state = _with_shardings(state_shape, shardings)
+    consts = _with_shardings(dict(consts, g_rest=rest_shape), replicated)
+  else:
+    state, consts = _materialize(init, d_params, d_stats, shardings, consts, replicated)
 
   train_step = jax.jit(steps.make_train_step(nets, step_cfg), donate_argnums=(0,),
                        out_shardings=(shardings, replicated))
@@ -208,7 +234,31 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Run:
 
   reconstruct = jax.jit(samples, out_shardings=(replicated, replicated))
   return Run(nets, step_cfg, state, shardings, consts, train_step, usage_report, reconstruct,
-             parameter_counts_from_config(config.model))
+             parameter_counts_from_config(config.model), shapes_only)
+
+
+def _materialize(init, d_params, d_stats, shardings, consts, replicated):
+  """The initial state on the mesh and the constants (frozen weights) replicated."""
+  if jax.process_count() > 1:
+    # Arrays built on this host enter global computations as host data
+    # (identical on every process), not as arrays committed to a local device.
+    d_params, d_stats, consts = jax.device_get((d_params, d_stats, consts))
+  # One process: the initial state is computed by one jitted program on one
+  # device, then laid out on the mesh; the same program serves every mesh (one
+  # compilation, cached across runs; a tokenizer of 10^8 parameters fits one
+  # device). Several processes: created directly in the global shards.
+  # It runs once, so XLA's backend optimisations would only cost compile time.
+  out_shardings = None
+  if jax.process_count() > 1:
+    out_shardings = (shardings, replicated)
+  init = jax.jit(init, out_shardings=out_shardings).lower(d_params, d_stats).compile(
+      compiler_options={"xla_backend_optimization_level": 0,
+                        "xla_llvm_disable_expensive_passes": True})
+  state, g_rest = init(d_params, d_stats)
+  state = jax.device_put(state, shardings)
+  consts = jax.device_put(consts, replicated)
+  consts["g_rest"] = jax.device_put(g_rest, replicated)
+  return state, consts
 
 
 def tokenizer_from_state(run: Run, params) -> Tokenizer:
@@ -547,6 +597,12 @@ def _main(argv) -> None:
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required")
   compilation_cache.enable(_COMPILATION_CACHE.value)
+  try:
+    if run_config.apply_memory_fraction(_CONFIG.value) is not None:
+      logging.info("GPU memory fraction %s (train.gpu_memory_fraction)",
+                   os.environ[run_config.MEMORY_FRACTION_ENV])
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   sharding_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                       _PROCESS_ID.value, mode=_DISTRIBUTED.value)
   code = train_and_evaluate(_CONFIG.value, _WORKDIR.value, force_new=_FORCE_NEW.value)
