@@ -263,3 +263,10 @@ def test_library_failure_noise_is_trimmed():
                                  "Task exception was never retrieved\nfuture: <Task 1>", error))
   repeats = [noise.filter(record("absl", "/w/x.py", "Event loop is closed")) for _ in range(4)]
   assert repeats == [True, True, False, False]
+
+
+def test_resumable_fields_name_config_fields():
+  """A typo in workdir.RESUMABLE would silently make that field immutable."""
+  keys = workdir_lib.flatten(json.loads(small_config().to_json_best_effort()))
+  for field in workdir_lib.RESUMABLE:
+    assert any(k == field or (field.endswith(".") and k.startswith(field)) for k in keys), field
