@@ -470,8 +470,11 @@ def test_progress_phrase_from_metrics(tmp_path):
                            log_offset=0)
   assert runner.progress(attempt).startswith("starting, 1m0")
   (tmp_path / runner.LOG_NAME).write_text(
-      "==== attempt 1\nI1205 10:53:33.032553 1 train.py:280] Mesh {'data': 1} over 1 devices\n")
-  assert runner.progress(attempt).endswith(": Mesh {'data': 1} over 1 devices")
+      "==== attempt 1\nI1205 10:53:33.032553 1 train.py:341] Compiling the train step (the first "
+      "step includes it); parameters: encoder 1,020,328, decoder 1,587,523, total 2,609,899\n")
+  phrase = runner.progress(attempt)
+  assert ": Compiling the train step (the first step includes it); param" in phrase
+  assert phrase.endswith("…") and len(phrase.split(": ", 1)[1]) == 90
   facts = {"step": 0, "D": 8, "version_jax": "0.10.2"}  # the first row has no loss
   rows = [facts, {"step": 25, "g_loss": 0.25, "progress": 0.25, "eta_sec": 61.2}]
   (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows)

@@ -304,7 +304,8 @@ def progress(attempt: Attempt) -> str:
     # Before the first log step: the trainer's last log message says how far it got.
     last = _last_line(attempt.workdir / LOG_NAME, attempt.log_offset)
     last = last.split("] ", 1)[1] if "] " in last and not last.startswith("====") else ""
-    return f"starting, {elapsed}" + (f": {last[:100]}" if last else "")
+    last = last if len(last) <= 90 else last[:89] + "…"
+    return f"starting, {elapsed}" + (f": {last}" if last else "")
   step, fraction = row["step"], row.get("progress")
   total = round(step / fraction) if isinstance(fraction, (int, float)) and fraction > 0 else None
   if total and step >= total:

@@ -404,8 +404,8 @@ def _train(config, workdir: str, done_path: str, failed_path: str,
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   writer = writers.MetricWriter(workdir)
   mesh = sharding_lib.make_mesh(config.mesh)
-  logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), jax.device_count(),
-               jax.process_count())
+  logging.info("Building the data pipeline, networks and train state; mesh %s over %d devices "
+               "in %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
 
   with jax.set_mesh(mesh):
     corrupt = run_guards.CorruptFiles()
@@ -439,7 +439,8 @@ def _train(config, workdir: str, done_path: str, failed_path: str,
       logging.info("Fine-tuning the weights of the weights-only checkpoint of step %d", restored)
     # Rows of steps after the checkpoint are replayed: one row per step stays.
     writer.discard_after(start if resuming else -1)
-    logging.info("Parameters: %s", ", ".join(f"{k} {v:,}" for k, v in run.num_params.items()))
+    logging.info("Compiling the train step (the first step includes it); parameters: %s",
+                 ", ".join(f"{k} {v:,}" for k, v in run.num_params.items()))
     if is_main and logging.level_debug():
       logging.debug("Parameter table:\n%s", parameter_overview.get_parameter_overview(
           jax.device_get(state["params"]).to_pure_dict(), include_stats=False))
