@@ -14,7 +14,10 @@ import pytest
 
 import gsq_jax
 
-importers_cli = pytest.importorskip("gsq_jax.importers.cli")
+try:
+  from gsq_jax.importers import cli as importers_cli
+except ImportError as e:  # a checkout without gsq-import
+  pytest.skip(f"gsq_jax.importers unavailable: {e}", allow_module_level=True)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CASES = [("flex_gen", "flex_gsq_agn_d2s.pt", True), ("flex_gen", "flex_gvq_attn.pt", True),
          ("flex_gen", "flex_vq_plain.pt", True), ("ibq", "ibq_small.ckpt", True),
