@@ -37,7 +37,7 @@ def run(image_folder, tmp_path_factory):
       model=_model_config(),  # f = 2, D = 8, G = 2, V = 64
       train=dict(image_size=S),
       data=dict(source=f"folder:{image_folder}", num_threads=2, prefetch=0),
-      eval=dict(batch_size=8)))
+      eval=dict(batch_size=8, num_images=4)))  # gsq-tokenize must still read all N
   tokenizer = Tokenizer.from_config(config.model, rngs=nnx.Rngs(0))
   workdir = tmp_path_factory.mktemp("run")
   save_run(workdir, config, tokenizer, step=5)

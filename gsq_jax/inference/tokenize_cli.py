@@ -122,7 +122,9 @@ def tokenize_dataset(args: argparse.Namespace) -> dict[str, Any]:
     eval_cfg.crop = args.crop
   data_cfg = eval_config.eval_data_config(tok.config, eval_cfg, source=args.data,
                                           num_images=args.num_images)
-  data_cfg = {**input_pipeline.default_config().to_dict(), **data_cfg}
+  # The whole data set unless --num-images: the run's eval.num_images is an eval budget.
+  data_cfg = {**input_pipeline.default_config().to_dict(), **data_cfg,
+              "eval_num_images": args.num_images}
   image_size = args.image_size or tok.config.get("train", {}).get("image_size")
   if not isinstance(image_size, int):
     raise ValueError(f"{args.workdir}/config.json has no train.image_size; pass --image-size")
