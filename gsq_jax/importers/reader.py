@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import pickle
@@ -38,14 +37,6 @@ from gsq_jax.utils import torch_pickle
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be imported; the message names the file and the fix."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 @contextlib.contextmanager
