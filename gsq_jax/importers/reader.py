@@ -51,6 +51,8 @@ def open_tensors(path: str | os.PathLike) -> Iterator[Any]:
   except CheckpointError:
     raise
   except (pickle.UnpicklingError, ValueError, EOFError, zipfile.BadZipFile, struct.error) as e:
+    if isinstance(e, ValueError) and not str(e).startswith("torch_pickle"):
+      raise  # not the reader's: an error of the importer's own code in the `with` block
     message = str(e)
     if path not in message:
       message = f"{path}: {message}"
