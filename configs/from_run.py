@@ -11,18 +11,12 @@ only (gsq-import) fine-tunes them from a fresh optimiser state.
 
 from __future__ import annotations
 
-import json
-import pathlib
-
 import ml_collections
+
+from gsq_jax.training import checkpointing
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if not arg:
     raise ValueError("configs/from_run.py needs the run directory: configs/from_run.py:DIR")
-  path = pathlib.Path(arg) / "config.json"
-  if not path.is_file():
-    raise ValueError(f"configs/from_run.py: {path} not found; pass a gsq-train or gsq-import "
-                     "run directory")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return checkpointing.load_config(arg)

@@ -240,3 +240,24 @@ def test_vocab_mesh_needs_a_quantizer_with_a_searched_codebook():
   with pytest.raises(ValueError, match=r"mesh.vocab = 8 shards the codebook, which only "
                                        r"\('gsq', 'vq', 'ibq'\) quantizers support; the 'lfq'"):
     train.validate_config(config, num_devices=8, process_count=1)
+
+
+def test_either_quantizer_in_either_architecture():
+  """`arch` (model.architecture) and `quantizer` are independent config choices."""
+  counts = {}
+  for arch in ("flex", "ibq"):
+    for quantizer in ("gsq", "ibq"):
+      m = gsq.get_config(f"D=16,V=1024,f=8,tiny,quantizer={quantizer},arch={arch}").model
+      assert (m.architecture, m.quantizer.name) == (arch, quantizer)
+      model = nnx.eval_shape(lambda m=m: Tokenizer.from_config(m, rngs=nnx.Rngs(0)))
+      assert type(model.encoder).__name__ == ("Encoder" if arch == "flex" else "IBQEncoder")
+      counts[arch, quantizer] = parameter_counts_from_config(m)
+  # The quantizer does not change the network, and the two networks differ.
+  assert counts["ibq", "gsq"]["encoder"] == counts["ibq", "ibq"]["encoder"]
+  assert counts["flex", "gsq"]["decoder"] != counts["ibq", "gsq"]["decoder"]
+  m = gsq.get_config("tiny").model
+  m.architecture = "vit"
+  with pytest.raises(ValueError, match="model.architecture: must be one of"):
+    Tokenizer.from_config(m, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="arch='vit'"):
+    gsq.get_config("tiny,arch=vit")

@@ -171,3 +171,26 @@ def test_nested_state_dict_is_flattened(tmp_path):
   out = tp.load_state_dict(path)
   assert list(out) == ["model.a"]
   np.testing.assert_array_equal(out["model.a"], [1, 1])
+
+
+def test_open_checkpoint_streams_one_tensor_at_a_time(tmp_path):
+  """Materialising tensors one by one holds the kept arrays plus about one tensor in flight."""
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  n, size = 8, 1 << 19  # 8 tensors of 2 MiB
+  path = tmp_path / "big.pt"
+  tp.save_state_dict_zip(path, {f"w{i}": np.full(size, i, np.float32) for i in range(n)})
+  tensor_bytes = size * 4
+  tracemalloc.start()
+  try:
+    with tp.open_checkpoint(path) as lazy:
+      assert all(isinstance(v, tp.LazyTensor) for v in lazy.values())
+      kept = {}
+      for name, tensor in lazy.items():
+        assert tensor.shape == (size,) and tensor.dtype == np.float32
+        kept[name] = tensor.materialize()
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert [float(v[0]) for v in kept.values()] == list(range(n))
+  # Everything read at once (bytes + copies) would peak near 2 * n tensors.
+  assert peak < (n + 2.5) * tensor_bytes, peak / tensor_bytes

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 import dataclasses
-import hashlib
 import os
 import pickle
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 
 from gsq_jax.models import weights
 from gsq_jax.utils import torch_pickle
+from gsq_jax.utils.files import file_sha256
 
 FID_WEIGHTS_FILENAME = weights.KNOWN_WEIGHTS["fid_inception"].filename
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -421,14 +421,6 @@ class InceptionWeightsError(ValueError):
   def __init__(self, status: InceptionUnavailable):
     super().__init__(str(status))
     self.status = status
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def rfid_status(weights_path: str | os.PathLike | None, *,

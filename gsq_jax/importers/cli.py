@@ -61,9 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   # pylint: disable=import-outside-toplevel
   from absl import logging
   from gsq_jax import __version__
-  from gsq_jax.importers import flex_gen, ibq, reader, run_dir
+  from gsq_jax.importers import flex_gen, ibq, run_dir
   from gsq_jax.models import parameter_counts
   from gsq_jax.sweeps.grid import parse_config_spec
+  from gsq_jax.utils.files import file_sha256
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   try:
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "source_kind": imported.source_kind,
         "file": os.path.basename(args.path),
         "path": os.path.abspath(args.path),
-        "sha256": reader.file_sha256(args.path),
+        "sha256": file_sha256(args.path),
         "weights": weights,
         "run_config": spec,
         "parameter_counts": parameter_counts(imported.tokenizer),

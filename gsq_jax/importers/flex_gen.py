@@ -34,7 +34,6 @@ import os
 from typing import Any
 
 import ml_collections
-from flax import nnx
 
 from gsq_jax.importers import reader
 from gsq_jax.models import tokenizer as tokenizer_lib

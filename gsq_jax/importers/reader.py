@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import pickle
@@ -40,14 +39,6 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be imported; the message names the file and the fix."""
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def open_tensors(path: str | os.PathLike) -> Iterator[Any]:
   """Yields the checkpoint's top-level object, tensors lazy (valid inside the block)."""
@@ -60,6 +51,8 @@ def open_tensors(path: str | os.PathLike) -> Iterator[Any]:
   except CheckpointError:
     raise
   except (pickle.UnpicklingError, ValueError, EOFError, zipfile.BadZipFile, struct.error) as e:
+    if isinstance(e, ValueError) and not str(e).startswith("torch_pickle"):
+      raise  # not the reader's: an error of the importer's own code in the `with` block
     message = str(e)
     if path not in message:
       message = f"{path}: {message}"

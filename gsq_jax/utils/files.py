@@ -1,7 +1,9 @@
-"""Atomic file writes: a reader (gsq-collect, a resumed run, a launcher) never sees half a file."""
+"""Atomic file writes (a reader -- gsq-collect, a resumed run, a launcher -- never sees half
+a file) and file digests."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -29,3 +31,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
   """`value` as indented JSON, written with `atomic_write_text`."""
   atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  """Hex SHA-256 of a file, read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
