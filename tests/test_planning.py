@@ -55,6 +55,18 @@ def test_missing_toolchain_names_the_extra(monkeypatch):
     targets_lib.check_toolchain("gpu")
 
 
+def test_commands_refuse_bad_targets_and_missing_toolchains(monkeypatch, capsys):
+  from gsq_jax.planning import cli  # pylint: disable=import-outside-toplevel
+  from gsq_jax.sweeps import launch  # pylint: disable=import-outside-toplevel
+  assert cli.main(["--config", "configs/gsq.py:tiny", "--target", "tpu:v5e-4"]) == 2
+  assert "expected gpu:KIND" in capsys.readouterr().err
+  monkeypatch.setattr(targets_lib, "_find_spec", lambda name: None)
+  assert cli.main(["--config", "configs/gsq.py:tiny", "--target", "gpu:h100:8"]) == 2
+  assert "gsq_jax[plan-gpu]" in capsys.readouterr().err
+  assert launch.main(["sweeps/demo.py", "--tiny", "--plan"]) == 2
+  assert "--target" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------

@@ -285,10 +285,8 @@ def plan_sweep(sweep_file: grid.SweepFile, args: argparse.Namespace, overrides: 
                site: sites_lib.Site) -> int:
   """`--plan`: every valid point planned for --target; the table, ROOT/plan.{csv,json}."""
   try:
-    targets = [targets_lib.parse_target(s) for s in args.target or []]
-    if not targets:
-      raise ValueError("--plan needs --target, e.g. --target gpu:h100:8")
-  except ValueError as err:
+    targets = planning_cli.check_plan_arguments(args)
+  except (ValueError, targets_lib.ToolchainMissing) as err:
     print(f"gsq-sweep: {err}", file=sys.stderr)
     return 2
   targets_lib.configure_host_for_deviceless()  # before anything starts a JAX backend
