@@ -31,7 +31,7 @@ from gsq_jax.planning import flops as flops_lib
 from gsq_jax.training import steps
 from gsq_jax.training import train
 
-_REMAT = re.compile(r"\.remat\d*\b")
+_REMAT = re.compile(r"([\w.\-]+\.remat\d*)\b")  # names of XLA's rematerialised copies
 
 
 @dataclasses.dataclass
@@ -72,7 +72,7 @@ def compile_traced(name: str, traced, compiler_options: dict[str, Any] | None) -
   stats.temp_bytes = int(m.temp_size_in_bytes)
   stats.need_bytes = (stats.argument_bytes + stats.output_bytes - stats.alias_bytes
                       + stats.temp_bytes)
-  stats.remat_fusions = len(_REMAT.findall(compiled.as_text() or ""))
+  stats.remat_fusions = len(set(_REMAT.findall(compiled.as_text() or "")))
   return stats
 
 

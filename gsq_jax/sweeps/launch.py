@@ -305,10 +305,16 @@ def plan_sweep(sweep_file: grid.SweepFile, args: argparse.Namespace, overrides: 
     root = manifest_lib.default_root(sweep_file.name, args.tiny)
   configs = [(p.name, grid.resolve_config(p)) for p in expansion.points]
   _log(f"planning {len(configs)} point(s) of {sweep_file.name} for {', '.join(args.target)}")
+  done = []
+
+  def on_plan(p) -> None:  # plan.csv / plan.json grow point by point (hours at paper scale)
+    done.append(p)
+    plan_report.write(done, str(root))
+    _log(f"{p.label}: {(p.alternative or p).device_hours_at_mfu:.1f} device-hours, fits "
+         f"{p.fits}{' (' + p.fix + ')' if p.fix else ''}")
+
   try:
-    plans = planning_cli.plan_configs(configs, args, on_plan=lambda p: _log(
-        f"{p.label}: {(p.alternative or p).device_hours_at_mfu:.1f} device-hours, fits "
-        f"{p.fits}{' (' + p.fix + ')' if p.fix else ''}"))
+    plans = planning_cli.plan_configs(configs, args, on_plan=on_plan)
   except (ValueError, targets_lib.ToolchainMissing) as err:
     print(f"gsq-sweep: {err}", file=sys.stderr)
     return 2
