@@ -433,6 +433,18 @@ def _fit_power_law_arrays(x, y, offset, level, bootstrap, seed, xname, metric) -
                    metric=metric)
 
 
+# x-axes by what they measure: `fit_power_law(df, "compute", "rfid")` fits
+# against total training FLOPs, "bits" against effective bits per image
+# (columns of gsq_jax.sweeps.collect.add_compute_and_bits).
+X_AXES = {
+    "compute": "train_flops",
+    "flops": "flops_per_image",
+    "bits": "effective_bits_per_image",
+    "nominal_bits": "nominal_bits_per_image",
+    "bpp": "bits_per_pixel",
+}
+
+
 def fit_power_law(
     df: pd.DataFrame,
     x: str,
@@ -449,7 +461,8 @@ def fit_power_law(
 
   Args:
     df: the table.
-    x: input column (> 0), e.g. "D", "G", "f", "params", "compute".
+    x: input column (> 0), e.g. "D", "G", "f", "params", or an X_AXES name:
+      "compute" (train_flops), "flops", "bits", "nominal_bits", "bpp".
     y: metric column; rows with x or y missing are skipped.
     by: column(s) defining groups (e.g. "V" or ["f", "V"]); None fits all rows.
     offset: add the constant c (an irreducible floor).
@@ -466,6 +479,7 @@ def fit_power_law(
     rows as parameters the curve interpolates them and the intervals are NaN.
   """
   fn = "fit_power_law"
+  x = X_AXES.get(x, x) if x not in df.columns else x
   by_cols = () if by is None else ((by,) if isinstance(by, str) else tuple(by))
   _numeric_columns(df, [x, y], fn)
   missing = [c for c in by_cols if c not in df.columns]

@@ -33,6 +33,9 @@ NUMERIC_COLUMNS = frozenset({
     "psnr_per_image", "ssim", "mse", "lpips", "lpips_vgg", "lpips_alex", "usage", "perplexity",
     "group_usage_mean", "group_perplexity_mean", "product_usage", "usage_uniform_expectation",
     "group_usage_uniform_expectation",
+    # Compute- and bit-aware columns (gsq_jax.sweeps.collect.add_compute_and_bits).
+    "flops_per_image", "forward_flops_per_image", "train_flops", "nominal_bits_per_image",
+    "effective_bits_per_image", "bits_per_pixel", "nominal_bits_per_pixel",
 })
 
 # Columns never coerced, even when every value looks like a number.

@@ -2,7 +2,7 @@ r"""`gsq-plan`: compile a run for a TPU/GPU target on this CPU host and report w
 
   gsq-plan --config configs/gsq_gan_256.py:D=64,G=4,V=256k,f=16 --target gpu:h100:8 \
       [--target tpu:v5p:2x2x1] [--batch 256 --batch 512] [--out DIR] \
-      [--compiler_option xla_gpu_enable_triton_gemm=false] [--set mesh.fsdp=8 ...]
+      [--compiler-option xla_gpu_enable_triton_gemm=false] [--set mesh.fsdp=8 ...]
 
 Prints one table row per (target, batch): per-device memory need vs what the
 runtime hands out, fit, the GPU memory fraction to set, XLA's rematerialised
@@ -30,7 +30,7 @@ def parse_compiler_options(items: Sequence[str]) -> dict[str, Any]:
   for item in items:
     name, sep, value = item.partition("=")
     if not sep or not name:
-      raise ValueError(f"--compiler_option {item!r}: expected NAME=VALUE")
+      raise ValueError(f"--compiler-option {item!r}: expected NAME=VALUE")
     lowered = value.lower()
     if lowered in ("true", "false"):
       options[name] = lowered == "true"
@@ -51,27 +51,34 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--target", action="append", default=[],
                       help="gpu:KIND:N[xHOSTS] or tpu:GEN:TOPOLOGY, e.g. gpu:h100:8, "
                       "gpu:h100:8x4, tpu:v5e:2x2 (repeatable)")
-  parser.add_argument("--compiler_option", action="append", default=[], metavar="NAME=VALUE",
+  parser.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
                       help="XLA option for compile(), e.g. xla_gpu_enable_triton_gemm=false")
-  parser.add_argument("--no_eval", action="store_true", help="skip the eval step (faster)")
-  parser.add_argument("--no_fixes", action="store_true",
+  parser.add_argument("--no-eval", action="store_true", help="skip the eval step (faster)")
+  parser.add_argument("--no-fixes", action="store_true",
                       help="do not search a change for runs that do not fit")
-  parser.add_argument("--flops_only", action="store_true",
+  parser.add_argument("--flops-only", action="store_true",
                       help="trace and count FLOPs without compiling (no memory figures)")
   parser.add_argument("--mfu", type=float, default=0.4,
                       help="assumed model-FLOPs utilisation for device-hours (default 0.4)")
 
 
-def plan_configs(labelled_configs, args: argparse.Namespace, *, on_plan=None) -> list:
-  """Plans every (label, config) on every --target; `on_plan(plan)` after each."""
+def check_plan_arguments(args: argparse.Namespace) -> list[targets_lib.Target]:
+  """The parsed --target list; ValueError / ToolchainMissing before anything is built."""
   if not args.target:
     raise ValueError("at least one --target is required (e.g. --target gpu:h100:8)")
   if not 0 < args.mfu <= 1:
     raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
-  options = parse_compiler_options(args.compiler_option)
+  parse_compiler_options(args.compiler_option)
   targets = [targets_lib.parse_target(s) for s in args.target]
   for target in targets:
     targets_lib.check_toolchain(target.platform)
+  return targets
+
+
+def plan_configs(labelled_configs, args: argparse.Namespace, *, on_plan=None) -> list:
+  """Plans every (label, config) on every --target; `on_plan(plan)` after each."""
+  targets = check_plan_arguments(args)
+  options = parse_compiler_options(args.compiler_option)
   targets_lib.configure_host_for_deviceless()
   from gsq_jax.planning import plan as plan_lib  # pylint: disable=import-outside-toplevel
   plans = []
@@ -107,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   from gsq_jax.planning import report  # pylint: disable=import-outside-toplevel
   from gsq_jax.sweeps import grid  # pylint: disable=import-outside-toplevel
   try:
+    check_plan_arguments(args)
+    targets_lib.configure_host_for_deviceless()  # before the config file imports JAX's backends
     overrides = [f"--config.{k}={v}" for k, v in grid.parse_set(args.set).items()]
     config = grid.parse_config_spec(args.config, overrides)
     configs = []

@@ -31,7 +31,7 @@ from gsq_jax.planning import flops as flops_lib
 from gsq_jax.training import steps
 from gsq_jax.training import train
 
-_REMAT = re.compile(r"\.remat\d*\b")
+_REMAT = re.compile(r"([\w.\-]+\.remat\d*)\b")  # names of XLA's rematerialised copies
 
 
 @dataclasses.dataclass
@@ -72,31 +72,45 @@ def compile_traced(name: str, traced, compiler_options: dict[str, Any] | None) -
   stats.temp_bytes = int(m.temp_size_in_bytes)
   stats.need_bytes = (stats.argument_bytes + stats.output_bytes - stats.alias_bytes
                       + stats.temp_bytes)
-  stats.remat_fusions = len(_REMAT.findall(compiled.as_text() or ""))
+  stats.remat_fusions = len(set(_REMAT.findall(compiled.as_text() or "")))
   return stats
 
 
+PROGRAMS = ("train_step", "usage_report", "eval_step", "tokenizer_forward")
+
+
 def trace_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-                   include_eval: bool = True) -> dict[str, Any]:
-  """{name: jax.stages.Traced} of the trainer's programs over abstract inputs on `mesh`."""
+                   names: tuple[str, ...] = PROGRAMS, run: train.Run | None = None
+                   ) -> dict[str, Any]:
+  """{name: jax.stages.Traced} of the trainer's programs over abstract inputs on `mesh`.
+
+  `tokenizer_forward` (encode + quantise + decode of one batch) is only
+  counted, for FLOPs per image; the others are what the trainer compiles.
+  `run`: the shapes-only build of `config` on `mesh`, if already made.
+  """
+  unknown = set(names) - set(PROGRAMS)
+  if unknown:
+    raise ValueError(f"unknown programs {sorted(unknown)}; known: {PROGRAMS}")
   t = config.train
+  traced = {}
   with jax.set_mesh(mesh):
-    run = train.build(config, mesh, shapes_only=True)
+    run = run or train.build(config, mesh, shapes_only=True)
     batch = run.batch_shapes(t.global_batch_size, t.image_size)
-    traced = {"train_step": run.train_step.trace(run.state, run.consts, batch),
-              "usage_report": run.usage_report.trace(run.state)}
-    if include_eval:
+    if "train_step" in names:
+      traced["train_step"] = run.train_step.trace(run.state, run.consts, batch)
+    if "usage_report" in names:
+      traced["usage_report"] = run.usage_report.trace(run.state)
+    if "eval_step" in names:
       eval_cfg = resolve_eval_config(config.get("eval"))
       tokenizer = nnx.merge(run.nets.g_graphdef, run.state["ema"], run.consts["g_rest"])
       models = evaluator.load_metric_models(eval_cfg, shapes_only=True)
       traced["eval_step"] = evaluator.trace_eval_step(
           tokenizer, models, mesh, batch_size=eval_cfg.batch_size, image_size=t.image_size,
           fd_vgg16=eval_cfg.fd_vgg16, kid=eval_cfg.kid)
-    # The tokenizer alone (encode + quantise + decode), for FLOPs per image.
-    images = run.batch_shapes(t.global_batch_size, t.image_size)["image"]
-    traced["tokenizer_forward"] = jax.jit(
-        lambda params, rest, x: steps.reconstruct(run.nets, params, rest, x)).trace(
-            run.state["params"], run.consts["g_rest"], images)
+    if "tokenizer_forward" in names:
+      traced["tokenizer_forward"] = jax.jit(
+          lambda params, rest, x: steps.reconstruct(run.nets, params, rest, x)).trace(
+              run.state["params"], run.consts["g_rest"], batch["image"])
   return traced
 
 
@@ -108,7 +122,8 @@ def compile_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
   `compile=False` only counts FLOPs (seconds instead of minutes; no memory figures).
   """
-  traced = trace_programs(config, mesh, include_eval=include_eval)
+  names = PROGRAMS if include_eval else tuple(n for n in PROGRAMS if n != "eval_step")
+  traced = trace_programs(config, mesh, names=names)
   out = {}
   with jax.set_mesh(mesh):
     for name, program in traced.items():

@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from gsq_jax.analysis import tables as tables_lib
@@ -295,6 +296,44 @@ def collect(root: str | os.PathLike, *, count_params: bool = True) -> pd.DataFra
   df = df[_column_order(df.columns)]
   sort = [c for c in ("sweep", *KEY_COLUMNS, "run") if c in df.columns]
   df = df.sort_values(sort, kind="stable", na_position="last", key=_sort_key).reset_index(drop=True)
+  return add_compute_and_bits(df, root / PLAN_NAME)
+
+
+PLAN_NAME = "plan.json"  # `gsq-sweep SWEEP --plan --target T` writes it into the sweep root
+COMPUTE_COLUMNS = ("flops_per_image", "forward_flops_per_image", "train_flops")
+BIT_COLUMNS = ("nominal_bits_per_image", "effective_bits_per_image", "bits_per_pixel",
+               "nominal_bits_per_pixel")
+
+
+def add_compute_and_bits(df: pd.DataFrame, plan_json: str | os.PathLike | None) -> pd.DataFrame:
+  """Compute- and bit-aware columns (scaling tables against FLOPs or bits, not only D/V).
+
+  From the planner's plan.json (matched by run name; NaN without one):
+  flops_per_image (training FLOPs per image of the global batch),
+  forward_flops_per_image (the tokenizer's encode + decode) and train_flops
+  (per-step FLOPs x steps done). From the run's keys and eval.json: nominal
+  bits per image h*w*G*log2 V (h = w = res / f), effective bits per image
+  tokens x log2(perplexity) and both per pixel.
+  """
+  df = df.copy()
+  plans = {}
+  record = manifest_lib.read_json(pathlib.Path(plan_json)) if plan_json else None
+  if isinstance(record, dict):
+    plans = {p.get("label"): p for p in record.get("plans", []) if isinstance(p, dict)}
+  run_plan = [plans.get(name, {}) for name in df.get("run", pd.Series([None] * len(df)))]
+  number = lambda values: pd.to_numeric(pd.Series(values, index=df.index), errors="coerce")
+  df["flops_per_image"] = number([p.get("flops_per_image") for p in run_plan])
+  df["forward_flops_per_image"] = number([p.get("forward_flops_per_image") for p in run_plan])
+  steps = number(df["steps"]) if "steps" in df else np.nan
+  df["train_flops"] = number([p.get("flops_per_step") for p in run_plan]) * steps
+  column = lambda name: number(df[name]) if name in df else pd.Series(np.nan, index=df.index)
+  side = column("res") / column("f")
+  tokens = side * side * column("G")
+  pixels = column("res") ** 2
+  df["nominal_bits_per_image"] = tokens * np.log2(column("V"))
+  df["effective_bits_per_image"] = tokens * np.log2(column("perplexity"))
+  df["bits_per_pixel"] = df["effective_bits_per_image"] / pixels
+  df["nominal_bits_per_pixel"] = df["nominal_bits_per_image"] / pixels
   return df
 
 

@@ -302,10 +302,8 @@ def plan_sweep(sweep_file: grid.SweepFile, args: argparse.Namespace, overrides: 
                site: sites_lib.Site) -> int:
   """`--plan`: every valid point planned for --target; the table, ROOT/plan.{csv,json}."""
   try:
-    targets = [targets_lib.parse_target(s) for s in args.target or []]
-    if not targets:
-      raise ValueError("--plan needs --target, e.g. --target gpu:h100:8")
-  except ValueError as err:
+    targets = planning_cli.check_plan_arguments(args)
+  except (ValueError, targets_lib.ToolchainMissing) as err:
     print(f"gsq-sweep: {err}", file=sys.stderr)
     return 2
   targets_lib.configure_host_for_deviceless()  # before anything starts a JAX backend
@@ -324,10 +322,16 @@ def plan_sweep(sweep_file: grid.SweepFile, args: argparse.Namespace, overrides: 
     root = manifest_lib.default_root(sweep_file.name, args.tiny)
   configs = [(p.name, grid.resolve_config(p)) for p in expansion.points]
   _log(f"planning {len(configs)} point(s) of {sweep_file.name} for {', '.join(args.target)}")
+  done = []
+
+  def on_plan(p) -> None:  # plan.csv / plan.json grow point by point (hours at paper scale)
+    done.append(p)
+    plan_report.write(done, str(root))
+    _log(f"{p.label}: {(p.alternative or p).device_hours_at_mfu:.1f} device-hours, fits "
+         f"{p.fits}{' (' + p.fix + ')' if p.fix else ''}")
+
   try:
-    plans = planning_cli.plan_configs(configs, args, on_plan=lambda p: _log(
-        f"{p.label}: {(p.alternative or p).device_hours_at_mfu:.1f} device-hours, fits "
-        f"{p.fits}{' (' + p.fix + ')' if p.fix else ''}"))
+    plans = planning_cli.plan_configs(configs, args, on_plan=on_plan)
   except (ValueError, targets_lib.ToolchainMissing) as err:
     print(f"gsq-sweep: {err}", file=sys.stderr)
     return 2
