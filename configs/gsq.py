@@ -29,7 +29,8 @@ Arg keys (comma separated, `key=value`, a bare key means True):
   disc       none | patchgan | dino (default dino; tiny: none)
   seed       train.seed
   tiny       CPU-sized: hidden 32, one ResBlock per level, demo data, float32,
-             batch 8, 300 steps, EMA 0.99, no LPIPS, no discriminator.
+             batch 8, 300 steps, lr 1e-4 (the paper's; 1e-3 collapses the
+             codebook), EMA 0.99, no LPIPS, no discriminator.
 
 The paper symbols D, G, V, f are config.model.{latent_dim, num_groups,
 codebook_size, downsample_factor}; each run records them in config.json and
@@ -197,10 +198,14 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
   t.total_steps = 300
   t.global_batch_size = 8
   t.log_every_steps = 25
+  t.dead_code_steps = 100  # a third of the run: unpicked by 100 steps x 8 images
   t.checkpoint_every_steps = 100
   t.image_every_steps = 100
   t.compute_dtype = "float32"  # bf16 convolutions are slow on CPUs
-  config.optim.lr = 1e-3
+  # The paper's constant lr (GSQ.md §3.5: 1e-4 - 2e-4). 10x that (the earlier
+  # tiny lr 1e-3) collapses every variant to a few dozen codes within ~50 steps
+  # (issue 17; benchmarks/RESULTS.md "Tiny recipe", docs/reading_usage.md).
+  config.optim.lr = 1e-4
   # The EMA weights are evaluated: a horizon of ~100 steps suits a 300-step run
   # (0.999 would leave them near the initialisation).
   config.optim.ema_decay = 0.99
