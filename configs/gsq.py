@@ -71,7 +71,8 @@ ARG_HELP = {
     "disc": "discriminator: none | patchgan | dino (empty = dino; tiny: none)",
     "seed": "train.seed (initialisation, data order, random tie-breaks)",
     "tiny": "CPU-sized run: hidden 32, one ResBlock per level, the built-in demo photos, "
-            "float32, batch 8, no LPIPS, no discriminator",
+            "float32, batch 8, 300 steps, lr 1e-4 (the paper's; 1e-3 collapses the codebook), "
+            "EMA 0.99, no LPIPS, no discriminator",
 }
 
 
@@ -233,10 +234,14 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
   t.total_steps = 300
   t.global_batch_size = 8
   t.log_every_steps = 25
+  t.dead_code_steps = 100  # a third of the run: unpicked by 100 steps x 8 images
   t.checkpoint_every_steps = 100
   t.image_every_steps = 100
   t.compute_dtype = "float32"  # bf16 convolutions are slow on CPUs
-  config.optim.lr = 1e-3
+  # The paper's constant lr (GSQ.md §3.5: 1e-4 - 2e-4). 10x that (the earlier
+  # tiny lr 1e-3) collapses every variant to a few dozen codes within ~50 steps
+  # (issue 17; benchmarks/RESULTS.md "Tiny recipe", docs/reading_usage.md).
+  config.optim.lr = 1e-4
   # The EMA weights are evaluated: a horizon of ~100 steps suits a 300-step run
   # (0.999 would leave them near the initialisation).
   config.optim.ema_decay = 0.99

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend first)
-import numpy as np  # noqa: E402
+import matplotlib.figure  # a Figure without pyplot: no global backend switch
+import numpy as np
 
 FILENAME = "code_frequency.png"
 _MAX_GROUP_LINES = 8
@@ -34,7 +31,8 @@ def write_plot(counts: np.ndarray, path: str | os.PathLike, *, title: str = "") 
   groups, codebook_size = counts.shape
   pooled = counts.sum(axis=0)
   lookups = int(pooled.sum())
-  fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
+  fig = matplotlib.figure.Figure(figsize=(5.5, 4), dpi=100)
+  ax = fig.add_subplot()
   ranked = rank_frequency(pooled)
   if len(ranked):
     ax.loglog(np.arange(1, len(ranked) + 1), ranked, lw=2, color="k",
@@ -57,5 +55,4 @@ def write_plot(counts: np.ndarray, path: str | os.PathLike, *, title: str = "") 
   ax.grid(True, which="major", alpha=0.3)
   fig.tight_layout()
   fig.savefig(os.fspath(path))
-  plt.close(fig)
   return os.fspath(path)
