@@ -14,7 +14,7 @@ Tiny form: the tiny recipe (configs/gsq.py:tiny, lr 1e-4) at the paper's
 D = 8, V = 1024, f = 4 on 16² crops (16 tokens per image, 128 lookups per
 step), 2400 steps (on the held-out ImageNet split spherical + l2 uses 82 %). The
 trained form of the same four rows on held-out ImageNet images is
-`benchmarks/tiny_recipe.py --study table1` (numbers in benchmarks/RESULTS.md).
+`benchmarks/tiny_recipe.py --study table1 --study long_d8` (benchmarks/RESULTS.md).
 The collected table carries `init` and `norm` columns (gsq-collect reads them
 from config.json); analysis/gsq_vs_ibq_usage.ipynb sets them beside the paper.
 """
