@@ -287,6 +287,15 @@ def _stamp_hashes(sweep: manifest_lib.Manifest) -> None:
       runner.write_status(record.workdir, status)
 
 
+def _sweep_root(args, site, sweep_file: pathlib.Path) -> pathlib.Path:
+  """--root, else the site's root, else the default: where the sweep's workdirs and manifest live."""
+  if args.root:
+    return pathlib.Path(args.root)
+  if site.root:
+    return pathlib.Path(site.root) / (sweep_file.name + ("_tiny" if args.tiny else ""))
+  return manifest_lib.default_root(sweep_file.name, args.tiny)
+
+
 def _print_warnings(warnings: Sequence[grid.Invalid]) -> None:
   """Missing files found by a dry run, one line per distinct reason."""
   by_reason: dict[str, list[str]] = {}
@@ -314,12 +323,7 @@ def plan_sweep(sweep_file: grid.SweepFile, args: argparse.Namespace, overrides: 
   _print_warnings(expansion.warnings)
   for problem in expansion.invalid:
     print(f"  invalid, not planned: {problem}", file=sys.stderr)
-  if args.root:
-    root = pathlib.Path(args.root)
-  elif site.root:
-    root = pathlib.Path(site.root) / (sweep_file.name + ("_tiny" if args.tiny else ""))
-  else:
-    root = manifest_lib.default_root(sweep_file.name, args.tiny)
+  root = _sweep_root(args, site, sweep_file)
   configs = [(p.name, grid.resolve_config(p)) for p in expansion.points]
   _log(f"planning {len(configs)} point(s) of {sweep_file.name} for {', '.join(args.target)}")
   done = []
@@ -408,12 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           num_devices=num_devices, process_count=process_count,
                           missing_files_ok=args.dry_run, full_check=not args.fast_check)
   _print_warnings(expansion.warnings)
-  if args.root:
-    root = pathlib.Path(args.root)
-  elif site.root:
-    root = pathlib.Path(site.root) / (sweep_file.name + ("_tiny" if args.tiny else ""))
-  else:
-    root = manifest_lib.default_root(sweep_file.name, args.tiny)
+  root = _sweep_root(args, site, sweep_file)
   sweep = manifest_lib.build_manifest(sweep_file, expansion, root=root, tiny=args.tiny,
                                       max_retries=args.max_retries, python=site.python)
   invalid = list(expansion.invalid) + _check_workdirs(sweep)
