@@ -281,6 +281,16 @@ def _print_warnings(warnings: Sequence[grid.Invalid]) -> None:
           "is there; pass its path with --set or the site file's overrides)", file=sys.stderr)
 
 
+def _sweep_root(args: argparse.Namespace, site: sites_lib.Site,
+                sweep_file: grid.SweepFile) -> pathlib.Path:
+  """--root, else the site's root, else runs/NAME[_tiny]."""
+  if args.root:
+    return pathlib.Path(args.root)
+  if site.root:
+    return pathlib.Path(site.root) / (sweep_file.name + ("_tiny" if args.tiny else ""))
+  return manifest_lib.default_root(sweep_file.name, args.tiny)
+
+
 def plan_sweep(sweep_file: grid.SweepFile, args: argparse.Namespace, overrides: dict,
                site: sites_lib.Site) -> int:
   """`--plan`: every valid point planned for --target; the table, ROOT/plan.{csv,json}."""
@@ -297,12 +307,7 @@ def plan_sweep(sweep_file: grid.SweepFile, args: argparse.Namespace, overrides: 
   _print_warnings(expansion.warnings)
   for problem in expansion.invalid:
     print(f"  invalid, not planned: {problem}", file=sys.stderr)
-  if args.root:
-    root = pathlib.Path(args.root)
-  elif site.root:
-    root = pathlib.Path(site.root) / (sweep_file.name + ("_tiny" if args.tiny else ""))
-  else:
-    root = manifest_lib.default_root(sweep_file.name, args.tiny)
+  root = _sweep_root(args, site, sweep_file)
   configs = [(p.name, grid.resolve_config(p)) for p in expansion.points]
   _log(f"planning {len(configs)} point(s) of {sweep_file.name} for {', '.join(args.target)}")
   done = []
@@ -388,12 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           num_devices=num_devices, process_count=process_count,
                           missing_files_ok=args.dry_run, full_check=not args.fast_check)
   _print_warnings(expansion.warnings)
-  if args.root:
-    root = pathlib.Path(args.root)
-  elif site.root:
-    root = pathlib.Path(site.root) / (sweep_file.name + ("_tiny" if args.tiny else ""))
-  else:
-    root = manifest_lib.default_root(sweep_file.name, args.tiny)
+  root = _sweep_root(args, site, sweep_file)
   sweep = manifest_lib.build_manifest(sweep_file, expansion, root=root, tiny=args.tiny,
                                       max_retries=args.max_retries, python=site.python)
   invalid = list(expansion.invalid) + _check_workdirs(sweep)
