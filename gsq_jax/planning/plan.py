@@ -164,8 +164,8 @@ def plan_run(config: ml_collections.ConfigDict, target: targets_lib.Target, *,
   elif plan.fits and plan.recommended_memory_fraction is not None:
     plan.fix = (f"needs --config.train.gpu_memory_fraction={plan.recommended_memory_fraction:g} "
                 f"(JAX preallocates {kind.usable_fraction:.0%}; XLA rematerialised "
-                f"{train_stats.remat_fusions} fusions to fit)")
-  elif not plan.fits and try_fixes:
+                f"{train_stats.remat_fusions} instructions to fit)")
+  elif not plan.fits and try_fixes and _out_of_memory(plan):
     for change, fixed in _fixes(config, len(devices)):
       alt = plan_run(fixed, target, label=f"{label} [{change}]", devices=devices,
                      compiler_options=compiler_options, include_eval=include_eval,
@@ -175,7 +175,15 @@ def plan_run(config: ml_collections.ConfigDict, target: targets_lib.Target, *,
         break
     else:
       plan.fix = "no tried change fits"
+  elif not plan.fits and not _out_of_memory(plan):
+    plan.fix = "compilation failed (see errors)"
   return plan
+
+
+def _out_of_memory(plan: Plan) -> bool:
+  """Whether the plan failed for memory (not for a compiler error no change would fix)."""
+  failed = [p.error for p in plan.programs.values() if p.error]
+  return all("RESOURCE_EXHAUSTED" in e or "memory" in e.lower() for e in failed)
 
 
 def _fixes(config: ml_collections.ConfigDict, num_devices: int):

@@ -307,6 +307,16 @@ def _print_warnings(warnings: Sequence[grid.Invalid]) -> None:
           "is there; pass its path with --set or the site file's overrides)", file=sys.stderr)
 
 
+def _sweep_root(args: argparse.Namespace, site: sites_lib.Site,
+                sweep_file: grid.SweepFile) -> pathlib.Path:
+  """--root, else the site's root, else runs/NAME[_tiny]."""
+  if args.root:
+    return pathlib.Path(args.root)
+  if site.root:
+    return pathlib.Path(site.root) / (sweep_file.name + ("_tiny" if args.tiny else ""))
+  return manifest_lib.default_root(sweep_file.name, args.tiny)
+
+
 def plan_sweep(sweep_file: grid.SweepFile, args: argparse.Namespace, overrides: dict,
                site: sites_lib.Site) -> int:
   """`--plan`: every valid point planned for --target; the table, ROOT/plan.{csv,json}."""
