@@ -287,15 +287,6 @@ def _stamp_hashes(sweep: manifest_lib.Manifest) -> None:
       runner.write_status(record.workdir, status)
 
 
-def _sweep_root(args, site, sweep_file: pathlib.Path) -> pathlib.Path:
-  """--root, else the site's root, else the default: where the sweep's workdirs and manifest live."""
-  if args.root:
-    return pathlib.Path(args.root)
-  if site.root:
-    return pathlib.Path(site.root) / (sweep_file.name + ("_tiny" if args.tiny else ""))
-  return manifest_lib.default_root(sweep_file.name, args.tiny)
-
-
 def _print_warnings(warnings: Sequence[grid.Invalid]) -> None:
   """Missing files found by a dry run, one line per distinct reason."""
   by_reason: dict[str, list[str]] = {}
