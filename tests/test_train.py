@@ -159,6 +159,9 @@ def test_resume_is_exact_after_sigkill_and_sigterm(tmp_path, monkeypatch):
   # The run's records.
   config = json.loads((ref_dir / "config.json").read_text())
   assert config["model"]["latent_dim"] == 8 and config["train"]["total_steps"] == total
+  environment = config[checkpointing.ENVIRONMENT_KEY]  # what it ran on, beside the config
+  assert environment["version_jax"] == jax.__version__ and environment["backend"] == "cpu"
+  assert checkpointing.ENVIRONMENT_KEY not in checkpointing.load_config(ref_dir)
   first = writers.read_metrics(ref_dir / "metrics.jsonl")[0]
   assert {k: first[k] for k in "DGVf"} == {"D": 8, "G": 2, "V": 64, "f": 1}
   assert first["version_jax"] == jax.__version__ and first["backend"] == "cpu"

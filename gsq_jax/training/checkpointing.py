@@ -48,6 +48,7 @@ import orbax.checkpoint as ocp
 from gsq_jax.models import Tokenizer
 
 MODEL_ITEMS = ("params", "ema")
+ENVIRONMENT_KEY = "environment"  # config.json: versions, backend, device kind of the run
 CHECKPOINT_DIR = "checkpoints"
 UNRESTORABLE_DIR = "checkpoints_unrestorable"
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -324,7 +325,9 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} not found: `workdir` must be a gsq-train run directory "
                             "(it writes config.json at start-up)")
   with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+    record = json.load(f)
+  record.pop(ENVIRONMENT_KEY, None)  # what the run ran on, not part of its config
+  return ml_collections.ConfigDict(record)
 
 
 def restore_tokenizer(workdir: str | os.PathLike, *, ema: bool = True,

@@ -8,7 +8,8 @@ multi-node SLURM / TPU allocation (`jax.distributed.initialize()` with cluster
 auto-detection; `--coordinator_address` overrides, e.g. JSC's "<host>i").
 
 Workdir (other commands rely on it; gsq_jax/training/checkpointing.py, API contract):
-  config.json     resolved config, written at start
+  config.json     resolved config, written at start, plus `environment`: package
+                  versions, backend and device kind
   metrics.jsonl   one JSON line per log step (first line: D, G, V, f, params, package
                   versions, backend, device kind)
   checkpoints/    orbax: params, EMA, optimisers, D, RNG, counter, data position
@@ -400,8 +401,12 @@ def _train(config, workdir: str, done_path: str, failed_path: str,
     os.makedirs(workdir, exist_ok=True)
     if os.path.exists(failed_path):
       os.remove(failed_path)  # a retry: the verdict of the previous attempt is stale
+    # The config plus the software and devices it ran on (`environment`, not part of
+    # the config: relaunch checks and `checkpointing.load_config` leave it out).
+    record = {**json.loads(config.to_json_best_effort(sort_keys=True)),
+              checkpointing.ENVIRONMENT_KEY: environment.run_environment(jax.devices())}
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      json.dump(record, f, indent=2, sort_keys=True)
   writer = writers.MetricWriter(workdir)
   mesh = sharding_lib.make_mesh(config.mesh)
   logging.info("Building the data pipeline, networks and train state; mesh %s over %d devices "
