@@ -294,3 +294,17 @@ def test_init_scales_follow_reference(tiny_tokenizer):
 def test_tokenizer_rejects_image_size_not_divisible_by_f(tiny_tokenizer):
   with pytest.raises(ValueError, match="divisible by f = 4"):
     tiny_tokenizer.encode(jnp.zeros((1, 18, 16, 3)))
+
+
+def test_evaluation_view_needs_no_key_when_training_breaks_ties_at_random():
+  """A paper recipe trains with random ties; grids, eval and gsq-plan's forward use the view."""
+  quantizer = dict(tiny_config().quantizer, tie_break="random")
+  model = tok.build_tokenizer(tiny_config(quantizer=ml_collections.ConfigDict(quantizer)),
+                              nnx.Rngs(0))
+  x = images((1, 16, 16, 3))
+  with pytest.raises(ValueError, match="rng"):
+    model(x)  # training's lookup needs its key
+  view = tok.evaluation_view(model)
+  assert view.quantizer.tie_break == "first" and model.quantizer.tie_break == "random"
+  recon, q = view(x)
+  assert recon.shape == x.shape and q.indices.shape == (1, 4, 4, 2)

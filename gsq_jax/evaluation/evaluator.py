@@ -54,6 +54,7 @@ from gsq_jax.evaluation.eval_config import (  # noqa: F401  (public here too)
     _block, _image_size, default_eval_config, eval_data_config, resolve_eval_config)
 from gsq_jax.evaluation import image_metrics
 from gsq_jax.evaluation import inception as inception_lib
+from gsq_jax.models import evaluation_view
 from gsq_jax.models import lpips as lpips_lib
 from gsq_jax.quantizers import code_counts, codebook_norm_stats, find_codebook, stats_from_counts
 from gsq_jax.utils.files import atomic_write_json
@@ -278,16 +279,6 @@ class _Accumulator:
                                                               tiled=True)
     keep = np.flatnonzero(np.asarray(mask))[:self.grid_images]
     self.grid = (np.clip(np.asarray(images)[keep] * 0.5 + 0.5, 0, 1), np.asarray(recon01)[keep])
-
-
-def evaluation_view(tokenizer: nnx.Module) -> nnx.Module:
-  """The tokenizer as evaluated: no dropout, deterministic first-index code ties.
-
-  A paper recipe trains with random tie-breaks (as flex_gen); evaluation
-  keeps the run's distance dtype but always picks the lowest tied index, so
-  two evaluations of the same weights give the same codes. Shares the weights.
-  """
-  return nnx.view(tokenizer, deterministic=True, tie_break="first", raise_if_not_found=False)
 
 
 def lookup_settings(tokenizer: nnx.Module) -> dict[str, str | None]:

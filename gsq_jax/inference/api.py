@@ -6,7 +6,7 @@
   x = tok.decode_codes(codes)        # -> (B, H, W, 3), not clamped
   x, codes = tok.reconstruct(images)
 
-The lookup is the evaluator's (`evaluator.evaluation_view`): first-index
+The lookup is the evaluator's (`gsq_jax.models.evaluation_view`): first-index
 ties and the run's distance dtype, so the codes are a function of the images
 and equal what `gsq-eval` counts. Every call splits the batch over the mesh's
 devices (all local devices by default) with a NamedSharding; a batch that

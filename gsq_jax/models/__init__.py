@@ -14,6 +14,7 @@ from gsq_jax.models.encoder import Encoder
 from gsq_jax.models.tokenizer import Tokenizer
 from gsq_jax.models.tokenizer import build_tokenizer
 from gsq_jax.models.tokenizer import default_model_config
+from gsq_jax.models.tokenizer import evaluation_view
 from gsq_jax.models.tokenizer import ibq_model_config
 from gsq_jax.models.tokenizer import parameter_counts
 from gsq_jax.models.tokenizer import parameter_counts_from_config

@@ -267,6 +267,18 @@ class Tokenizer(nnx.Module):
     return self.decode(self.quantizer.decode_indices(indices))
 
 
+def evaluation_view(tokenizer: nnx.Module) -> nnx.Module:
+  """The tokenizer as evaluated: no dropout, deterministic first-index code ties.
+
+  A paper recipe trains with random tie-breaks (as flex_gen), which need a
+  key; evaluation, the trainer's image grids, gsq-plan's forward and
+  `load_tokenizer` keep the run's distance dtype but always pick the lowest
+  tied index, so two evaluations of the same weights give the same codes and
+  no key is needed. Shares the weights.
+  """
+  return nnx.view(tokenizer, deterministic=True, tie_break="first", raise_if_not_found=False)
+
+
 def build_tokenizer(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Tokenizer:
   """Same as `Tokenizer.from_config`."""
   return Tokenizer.from_config(cfg, rngs=rngs)

@@ -50,6 +50,7 @@ import optax
 from gsq_jax.training import losses
 from gsq_jax.training import optim
 from gsq_jax import sharding as sharding_lib
+from gsq_jax.models import evaluation_view
 from gsq_jax.quantizers import CodebookCounter, codebook_norm_stats, find_codebook
 
 State = dict[str, Any]
@@ -402,7 +403,7 @@ def usage_report(state: State, *, dead_after: int) -> tuple[State, Metrics]:
 
 
 def reconstruct(nets: Networks, params, rest, images: jax.Array) -> jax.Array:
-  """Reconstruction of `images` with the given params (deterministic tie-breaks)."""
-  model = nnx.merge(nets.g_graphdef, params, rest)
+  """Reconstruction of `images` with the given params (`evaluation_view`: first-index ties, no key)."""
+  model = evaluation_view(nnx.merge(nets.g_graphdef, params, rest))
   x_hat, _ = model(images)
   return x_hat
