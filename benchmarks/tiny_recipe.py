@@ -10,9 +10,9 @@ the script launches `python -m gsq_jax.training.train` per run (finished runs
 are kept), then prints one markdown row per run from its eval.json and the
 last logged training window.
 
-  python benchmarks/tiny_recipe.py --study table1 --study groups --root /tmp/tiny_recipe --jobs 2
-  python benchmarks/tiny_recipe.py --study long --study long_d8 --root /tmp/tiny_recipe --jobs 2
-  python benchmarks/tiny_recipe.py --study all --root /tmp/tiny_recipe --table-only
+  python benchmarks/tiny_recipe.py --study table1 --study groups --root runs/tiny_recipe --jobs 2
+  python benchmarks/tiny_recipe.py --study long --study long_d8 --root runs/tiny_recipe --jobs 2
+  python benchmarks/tiny_recipe.py --study all --root runs/tiny_recipe --table-only
 
 Studies (numbers in benchmarks/RESULTS.md, "Tiny recipe"; `--study all` runs
 them in this order); the recipe run itself (spherical init, l2 lookup, G = 1,
@@ -153,7 +153,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--study", action="append", choices=[*sorted(STUDIES), "all"],
                       required=True)
-  parser.add_argument("--root", type=pathlib.Path, default=pathlib.Path("/tmp/tiny_recipe"))
+  parser.add_argument("--root", type=pathlib.Path, default=pathlib.Path("runs/tiny_recipe"))
   parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA)
   parser.add_argument("--jobs", type=int, default=1)
   parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
