@@ -270,3 +270,20 @@ def test_resumable_fields_name_config_fields():
   keys = workdir_lib.flatten(json.loads(small_config().to_json_best_effort()))
   for field in workdir_lib.RESUMABLE:
     assert any(k == field or (field.endswith(".") and k.startswith(field)) for k in keys), field
+
+
+def test_imported_workdir_fixes_only_the_model(tmp_path):
+  """Weights-only checkpoints (gsq-import): fine-tuning may change the recipe, not the model."""
+  old = {"model": {"latent_dim": 16}, "train": {"image_size": 32, "total_steps": 10}}
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  (tmp_path / "checkpoints" / "0" / "params").mkdir(parents=True)
+  assert workdir_lib.holds_only_weights(tmp_path)
+  recipe = {"model": {"latent_dim": 16}, "train": {"image_size": 64, "total_steps": 10}}
+  assert workdir_lib.check_relaunch(tmp_path, recipe) == {"train.image_size": (32, 64)}
+  with pytest.raises(workdir_lib.WorkdirRefused, match="model.latent_dim"):
+    workdir_lib.check_relaunch(tmp_path, {**recipe, "model": {"latent_dim": 8}})
+  # Once a checkpoint holds train state, the recipe is fixed too.
+  (tmp_path / "checkpoints" / "5" / "train").mkdir(parents=True)
+  assert not workdir_lib.holds_only_weights(tmp_path)
+  with pytest.raises(workdir_lib.WorkdirRefused, match="train.image_size"):
+    workdir_lib.check_relaunch(tmp_path, recipe)

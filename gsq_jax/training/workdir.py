@@ -17,7 +17,9 @@ Two rules keep a workdir from being corrupted:
   evaluation, device layout, data loading speed); anything else would restore
   a checkpoint into a different model or silently change the experiment, so
   it is refused before any file is touched, listing the fields. Starting over
-  is explicit (`--force_new`): a fresh subfolder, never an overwrite.
+  is explicit (`--force_new`): a fresh subfolder, never an overwrite. An
+  imported workdir (weights-only checkpoints, nothing trained yet) fixes only
+  the `model` block: fine-tuning chooses its own recipe.
 
 No JAX here: the sweep launcher imports this module.
 """
@@ -214,6 +216,19 @@ def has_started(workdir: str | os.PathLike) -> bool:
       folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir()))
 
 
+def holds_only_weights(workdir: str | os.PathLike) -> bool:
+  """Whether every checkpoint is weights-only (gsq-import): nothing was trained here yet.
+
+  Such a workdir takes any training settings; only the model, which its
+  weights are shaped for, is fixed (the checkpoint layout is
+  gsq_jax/training/checkpointing.py's: a `train` item means train state).
+  """
+  workdir = pathlib.Path(workdir)
+  steps = [p for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+  return (bool(steps) and not (workdir / "DONE").exists()
+          and not any((p / "train").exists() for p in steps))
+
+
 def _show(value: Any) -> str:
   return json.dumps(value) if not isinstance(value, str) else value
 
@@ -232,7 +247,10 @@ def check_relaunch(workdir: str | os.PathLike, config_json: Mapping[str, Any]) -
                          "trained with is unknown; restore the file or use --force_new")
   changes = config_changes(old, config_json)
   done = (pathlib.Path(workdir) / "DONE").exists()
-  fixed = {k: v for k, v in changes.items() if done or not is_resumable(k)}
+  if holds_only_weights(workdir):  # imported: fine-tuning picks its own recipe
+    fixed = {k: v for k, v in changes.items() if k.startswith("model.")}
+  else:
+    fixed = {k: v for k, v in changes.items() if done or not is_resumable(k)}
   if fixed:
     listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in fixed.items())
     what = "is finished" if done else "already trained with another config"
