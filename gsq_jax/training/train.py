@@ -397,6 +397,7 @@ def _train(config, workdir: str, done_path: str, failed_path: str,
   t = config.train
   is_main = jax.process_index() == 0
   progress.stage = "start-up"
+  env = environment.run_environment(jax.devices())  # recorded in config.json and metrics row 1
   if is_main:
     os.makedirs(workdir, exist_ok=True)
     if os.path.exists(failed_path):
@@ -404,7 +405,7 @@ def _train(config, workdir: str, done_path: str, failed_path: str,
     # The config plus the software and devices it ran on (`environment`, not part of
     # the config: relaunch checks and `checkpointing.load_config` leave it out).
     record = {**json.loads(config.to_json_best_effort(sort_keys=True)),
-              checkpointing.ENVIRONMENT_KEY: environment.run_environment(jax.devices())}
+              checkpointing.ENVIRONMENT_KEY: env}
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       json.dump(record, f, indent=2, sort_keys=True)
   writer = writers.MetricWriter(workdir)
@@ -457,7 +458,7 @@ def _train(config, workdir: str, done_path: str, failed_path: str,
                                  "image_size": t.image_size,
                                  "global_batch_size": t.global_batch_size,
                                  "batches_per_step": run.step_cfg.batches_per_step,
-                                 **run_info, **environment.run_environment(mesh.devices.flat)})
+                                 **run_info, **env})
     else:  # marks the first row after a resume (its own row would repeat step `start`)
       resumed = {"resumed_from_step": start, "skipped_checkpoints": len(skipped), **run_info}
 
