@@ -1,6 +1,8 @@
 """The persistent compilation cache: where it goes, how it is turned off, what JAX is told."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -61,3 +63,20 @@ def test_sweep_children_share_the_sweep_cache_unless_one_is_named(tmp_path):
       "JAX_COMPILATION_CACHE_DIR": str(tmp_path / ".jax_cache")}
   assert runner.compile_cache_env(tmp_path, {"GSQ_JAX_CACHE_DIR": "off"}) == {}
   assert runner.compile_cache_env(tmp_path, {"JAX_COMPILATION_CACHE_DIR": "/j"}) == {}
+
+
+def test_a_bounded_process_can_write_after_an_unbounded_one(tmp_path):
+  """Unbounded entries have no -atime file; JAX's bounded writer read one for each and failed."""
+  script = ("import sys, jax, jax.numpy as jnp\n"
+            "from gsq_jax.utils import compilation_cache as cc\n"
+            "cc.enable(sys.argv[1])\n"
+            "print(jax.jit(lambda x: jnp.sin(x) * float(sys.argv[2]))(1.0))\n")
+  env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  cache = tmp_path / "c"
+  for max_gb, factor in (("0", "2"), ("1", "3")):
+    done = subprocess.run([sys.executable, "-c", script, str(cache), factor], text=True,
+                          capture_output=True, env=dict(env, GSQ_JAX_CACHE_MAX_GB=max_gb))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Error writing persistent compilation cache" not in done.stderr, done.stderr[-2000:]
+  entries = {p.name.rsplit("-", 1)[0] for p in cache.glob("*-cache")}
+  assert len(entries) >= 2 and all((cache / f"{e}-atime").is_file() for e in entries)

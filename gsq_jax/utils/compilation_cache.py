@@ -39,6 +39,8 @@ DEFAULT_MAX_GB = 20.0
 # which leaves out the many mid-sized programs of a start; under 0.1 s a load
 # from disk saves next to nothing).
 DEFAULT_MIN_COMPILE_SECS = 0.1
+# File name suffixes of JAX's LRU cache entries and their access times (jax/_src/lru_cache.py).
+_CACHE_SUFFIX, _ATIME_SUFFIX = "-cache", "-atime"
 
 
 def cache_dir(setting: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
@@ -83,6 +85,8 @@ def enable(setting: str | None = None, environ: Mapping[str, str] | None = None)
     logging.warning("Compilation cache %s: no size bound and no inter-process lock (install "
                     "`filelock` for both)", path)
     max_size = -1
+  if max_size > 0:
+    _adopt_unbounded_entries(path)
   min_time = float(environ.get(JAX_ENV_MIN_TIME) or DEFAULT_MIN_COMPILE_SECS)
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)
@@ -92,3 +96,30 @@ def enable(setting: str | None = None, environ: Mapping[str, str] | None = None)
   logging.info("Persistent compilation cache %s (max %s, programs compiling >= %.2f s)", path,
                "unbounded" if max_size < 0 else f"{max_size / 2 ** 30:.1f} GiB", min_time)
   return path
+
+
+def _adopt_unbounded_entries(path: str) -> int:
+  """Gives every entry without an access-time file one (its mtime); returns how many.
+
+  An unbounded process ($GSQ_JAX_CACHE_MAX_GB=0) writes entries without the
+  `-atime` files JAX's LRU eviction reads; a bounded process sharing the
+  directory then fails every write ("Error writing persistent compilation
+  cache entry ... -atime"). Idempotent, so concurrent starts are harmless.
+  """
+  if not os.path.isdir(path):
+    return 0
+  adopted = 0
+  for name in os.listdir(path):
+    if not name.endswith(_CACHE_SUFFIX):
+      continue
+    atime = os.path.join(path, name[:-len(_CACHE_SUFFIX)] + _ATIME_SUFFIX)
+    if os.path.exists(atime):
+      continue
+    try:
+      stamp = os.stat(os.path.join(path, name)).st_mtime_ns
+      with open(atime, "wb") as f:
+        f.write(stamp.to_bytes(8, "little"))
+      adopted += 1
+    except FileNotFoundError:  # evicted meanwhile by another process
+      continue
+  return adopted
