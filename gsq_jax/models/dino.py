@@ -33,12 +33,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gsq_jax.models import remat
 from gsq_jax.models import weights as weights_lib
 from gsq_jax.utils import torch_pickle
 from gsq_jax.models.weights import Frozen, frozen_value
 
 WEIGHT_NAME = "dinov2_vits14_reg"
 LN_EPS = 1e-6
+# The token sequence runs through the blocks padded to a multiple of this, the
+# padding masked out of every attention. XLA's GPU Triton GEMM cannot tile the
+# attention-output transpose it fuses into the projection when the token axis
+# (1374 at 518 px) is not a multiple of 16: deviceless H100 compilation of the
+# discriminator's backward failed with "Couldn't find output tile sizes" (#14).
+# Masked keys get exactly zero weight and padded queries are dropped, so the
+# function is unchanged; the cost is 2 tokens in 1376.
+TOKEN_MULTIPLE = 16
 
 # The official ViT-S/14-reg4 geometry (dinov2/hub/backbones.py).
 VITS14_REG = dict(embed_dim=384, depth=12, num_heads=6, patch_size=14,
@@ -80,8 +89,10 @@ class _StateReader:
     return Frozen(jnp.asarray(a, jnp.float32))
 
 
-class _Block(nnx.Module):
+class Block(remat.Rematerializable):
   """Pre-norm transformer block with LayerScale (DINOv2 `Block`)."""
+
+  remat_group = "dino"
 
   def __init__(self, r: _StateReader, prefix: str, dim: int, num_heads: int, hidden: int):
     p = prefix
@@ -99,11 +110,13 @@ class _Block(nnx.Module):
     self.fc2_b = r.get(p + "mlp.fc2.bias", (dim,))
     self.ls2 = r.get(p + "ls2.gamma", (dim,))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def forward(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    """`key_mask` (T,) bool: False marks padding tokens no query may attend to."""
     b, t, d = x.shape
     h = _layer_norm(x, self.norm1_w, self.norm1_b)
     qkv = _linear(h, self.qkv_w, self.qkv_b).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-    att = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    mask = None if key_mask is None else key_mask[None, None, None, :]
+    att = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=mask)
     att = _linear(att.reshape(b, t, d), self.proj_w, self.proj_b)
     x = x + att * frozen_value(self.ls1).astype(x.dtype)
     h = _layer_norm(x, self.norm2_w, self.norm2_b)
@@ -160,7 +173,7 @@ class DinoViT(nnx.Module):
     self.register_tokens = (r.get("register_tokens", (1, num_register_tokens, d))
                             if num_register_tokens else None)
     self.blocks = nnx.List([
-        _Block(r, f"blocks.{i}.", d, num_heads, int(d * mlp_ratio)) for i in range(depth)])
+        Block(r, f"blocks.{i}.", d, num_heads, int(d * mlp_ratio)) for i in range(depth)])
     self.norm_w, self.norm_b = r.get("norm.weight", (d,)), r.get("norm.bias", (d,))
     if state is not None:
       r.get("mask_token", (1, d))  # unused at inference, but must be the official file
@@ -200,10 +213,16 @@ class DinoViT(nnx.Module):
       raise ValueError(f"DinoViT: `taps` must index blocks 0..{len(self.blocks) - 1}, got {taps}")
     t = self.prepare_tokens(x)
     feats = [t]
+    n = t.shape[1]
+    pad = -n % TOKEN_MULTIPLE
+    key_mask = None
+    if pad:
+      t = jnp.pad(t, ((0, 0), (0, pad), (0, 0)))
+      key_mask = jnp.arange(n + pad) < n
     for i in range(max(taps) + 1):
-      t = self.blocks[i](t)
+      t = self.blocks[i](t, key_mask)
       if i in taps:
-        feats.append(t)
+        feats.append(t[:, :n])
     return feats
 
   def final_norm(self, tokens: jax.Array) -> jax.Array:
