@@ -162,6 +162,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       gd_order="g_then_d",
       compute_dtype="bfloat16",
       fast_cpu_convs=True,  # CPU only: Winograd 3x3 convs, piecewise weight gradients (cpu_conv.py)
+      # Recompute activations in the backward pass instead of keeping them:
+      # "none", "dino" (the frozen DINO backbone's blocks: the discriminator's
+      # share of memory for ~one extra DINO forward) or "blocks" (also every
+      # encoder/decoder ResBlock and attention block). Same function either way.
+      remat="none",
       # GPU only: fraction of device memory JAX preallocates (None = JAX's 0.75);
       # gsq-plan recommends one from the compiled step's peak memory.
       gpu_memory_fraction=ml_collections.FieldReference(None, field_type=float),

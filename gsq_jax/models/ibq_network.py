@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gsq_jax.models import layers
+from gsq_jax.models import remat
 
 EPSILON = 1e-6  # GroupNorm eps of every IBQ norm (model.py L34-35)
 
@@ -50,7 +51,7 @@ def _conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int 
       dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-class ResnetBlock(nnx.Module):
+class ResnetBlock(remat.Rematerializable):
   """norm1 -> swish -> conv1 -> norm2 -> swish -> dropout -> conv2, + (nin_shortcut) x."""
 
   def __init__(self, in_channels: int, out_channels: int, *, dropout: float, dtype,
@@ -63,13 +64,13 @@ class ResnetBlock(nnx.Module):
     self.nin_shortcut = (_conv(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
                          if in_channels != out_channels else None)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def forward(self, x: jax.Array) -> jax.Array:
     h = self.conv1(nnx.silu(self.norm1(x)))
     h = self.conv2(self.dropout(nnx.silu(self.norm2(h))))
     return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
-class AttnBlock(nnx.Module):
+class AttnBlock(remat.Rematerializable):
   """Single-head self-attention over all pixels with separate q, k, v convs; x + h."""
 
   def __init__(self, channels: int, *, dtype, rngs: nnx.Rngs):
@@ -79,7 +80,7 @@ class AttnBlock(nnx.Module):
     self.v = _conv(channels, channels, 1, dtype=dtype, rngs=rngs)
     self.proj_out = _conv(channels, channels, 1, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def forward(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     normed = self.norm(x)
     q, k, v = (f(normed).reshape(b, h * w, c) for f in (self.q, self.k, self.v))

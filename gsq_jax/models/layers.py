@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gsq_jax.models import remat
+
 Dtype = Any
 
 # ResBlock / output-conv gain of the reference init; the 0.70711 (1/sqrt(2))
@@ -124,7 +126,7 @@ def check_layer_configs(owner: str, layer_configs: Sequence[int],
         f"{len(channel_multipliers) + 1} entries, got {len(layer_configs)}")
 
 
-class ResBlock(nnx.Module):
+class ResBlock(remat.Rematerializable):
   """GN -> SiLU -> Conv3x3 -> GN -> SiLU -> Dropout -> Conv3x3, plus a skip.
 
   The skip is a Conv1x1 when the channel count changes, the identity otherwise.
@@ -143,13 +145,13 @@ class ResBlock(nnx.Module):
     self.skip = (conv(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
                  if in_channels != out_channels else None)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def forward(self, x: jax.Array) -> jax.Array:
     h = self.conv1(nnx.silu(self.norm1(x)))
     h = self.conv2(self.dropout(nnx.silu(self.norm2(h))))
     return h + (x if self.skip is None else self.skip(x))
 
 
-class AttentionBlock(nnx.Module):
+class AttentionBlock(remat.Rematerializable):
   """Single-head self-attention over all pixels, with a residual (spec §2.6)."""
 
   def __init__(self, channels: int, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
@@ -157,7 +159,7 @@ class AttentionBlock(nnx.Module):
     self.qkv = conv(channels, 3 * channels, 1, dtype=dtype, rngs=rngs)
     self.proj = conv(channels, channels, 1, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def forward(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     q, k, v = jnp.split(self.qkv(self.norm(x)).reshape(b, h * w, 3 * c), 3, axis=-1)
     logits = jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(c)

@@ -9,8 +9,12 @@ target's devices (targets.py) and reads:
   compile). A GPU step that needs more than 75 % but at most 95 % fits with
   a raised `train.gpu_memory_fraction`, which the plan recommends.
 - a point that does not fit is re-planned with the smallest change that
-  fits, each tried by compiling: FSDP over all devices, the codebook split
-  over the devices (GSQ/VQ/IBQ), then halving the global batch.
+  fits, each tried by compiling: rematerialising the DINO backbone's blocks,
+  then every block (`train.remat`: same function, more compute), FSDP over
+  all devices, the codebook split over the devices (GSQ/VQ/IBQ), then halving
+  the global batch (the only change to the recipe). A point that fits only
+  with a raised memory fraction also gets the remat option that fits JAX's
+  default fraction, as `option`.
 - FLOPs: model FLOPs of one train step over all devices, per image of the
   global batch, of the tokenizer's forward per image, and for total_steps.
 - roofline: per device max(FLOPs / peak, product operand bytes / bandwidth)
@@ -30,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from gsq_jax import sharding as sharding_lib
+from gsq_jax.models import remat as remat_lib
 from gsq_jax.planning import programs as programs_lib
 from gsq_jax.planning import targets as targets_lib
 from gsq_jax.training import run_config
@@ -66,7 +71,8 @@ class Plan:
   mfu: float = DEFAULT_MFU
   total_steps: int = 0
   fix: str = ""
-  alternative: "Plan | None" = None
+  alternative: "Plan | None" = None  # the fitting change a non-fitting point needs
+  option: "Plan | None" = None  # fits JAX's default GPU fraction where this plan needs more
   errors: str = ""
 
   def row(self) -> dict[str, Any]:
@@ -165,6 +171,15 @@ def plan_run(config: ml_collections.ConfigDict, target: targets_lib.Target, *,
     plan.fix = (f"needs --config.train.gpu_memory_fraction={plan.recommended_memory_fraction:g} "
                 f"(JAX preallocates {kind.usable_fraction:.0%}; XLA rematerialised "
                 f"{train_stats.remat_fusions} instructions to fit)")
+    for change, fixed in (_remat_fixes(config) if try_fixes else ()):
+      alt = plan_run(fixed, target, label=f"{label} [{change}]", devices=devices,
+                     compiler_options=compiler_options, include_eval=include_eval,
+                     try_fixes=False, mfu=mfu)
+      if alt.fits and alt.recommended_memory_fraction is None:
+        plan.option = alt
+        plan.fix += (f", or {change} ({alt.need_bytes / targets_lib.GIB:.1f} GiB, "
+                     f"{alt.flops_per_step / plan.flops_per_step - 1:+.0%} FLOPs)")
+        break
   elif not plan.fits and try_fixes and _out_of_memory(plan):
     for change, fixed in _fixes(config, len(devices)):
       alt = plan_run(fixed, target, label=f"{label} [{change}]", devices=devices,
@@ -186,8 +201,18 @@ def _out_of_memory(plan: Plan) -> bool:
   return all("RESOURCE_EXHAUSTED" in e or "memory" in e.lower() for e in failed)
 
 
+def _remat_fixes(config: ml_collections.ConfigDict):
+  """The train.remat settings that recompute more than the config does, least first."""
+  choices = list(remat_lib.REMAT_CHOICES)
+  for choice in choices[choices.index(config.train.get("remat", "none")) + 1:]:
+    if choice == "dino" and config.disc.name != "dino":
+      continue  # nothing to recompute
+    yield f"train.remat={choice}", _with(config, train=dict(remat=choice))
+
+
 def _fixes(config: ml_collections.ConfigDict, num_devices: int):
   """(description, changed config) in the order of least change to the run."""
+  yield from _remat_fixes(config)
   m = config.model
   data, fsdp, vocab = sharding_lib.mesh_shape(config.mesh, num_devices)
   if fsdp < num_devices:

@@ -36,12 +36,11 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def rows(plans: Sequence[plan_lib.Plan]) -> list[dict]:
-  """One row per plan, followed by the row of its fitting alternative, if any."""
+  """One row per plan, followed by the rows of its fitting alternative or option, if any."""
   out = []
   for p in plans:
     out.append(p.row())
-    if p.alternative is not None:
-      out.append(p.alternative.row())
+    out.extend(q.row() for q in (p.alternative, p.option) if q is not None)
   return out
 
 
@@ -60,7 +59,8 @@ def format_table(plans: Sequence[plan_lib.Plan]) -> str:
   lines.append("* roofline: max(FLOPs/peak, operand bytes/bandwidth) per device, "
                "published peaks; not measured")
   for p in plans:
-    for failed in filter(None, [p.errors, p.alternative and p.alternative.errors]):
+    for failed in filter(None, [p.errors, p.alternative and p.alternative.errors,
+                                p.option and p.option.errors]):
       lines.append(f"{p.label}: {failed}")
   return "\n".join(lines)
 

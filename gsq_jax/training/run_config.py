@@ -17,6 +17,7 @@ from gsq_jax import sharding as sharding_lib
 from gsq_jax.training import steps
 from gsq_jax.models import weights as weights_lib
 from gsq_jax.models import dino as dino_lib
+from gsq_jax.models import remat
 from gsq_jax.models import parameter_counts_from_config
 from gsq_jax.models import validate_model_config
 from gsq_jax.models.tokenizer import COMPUTE_DTYPES
@@ -113,6 +114,13 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     raise ValueError(f"train.num_image_samples = {t.num_image_samples} must be <= "
                      f"train.global_batch_size = {t.global_batch_size}")
   validate_memory_fraction(t.get("gpu_memory_fraction"))
+  if t.get("remat", "none") not in remat.REMAT_CHOICES:
+    raise ValueError(f"train.remat must be one of {tuple(remat.REMAT_CHOICES)} (which blocks "
+                     f"to recompute in the backward pass), got {t.remat!r}")
+  if t.get("remat", "none") == "blocks" and m.dropout > 0:
+    raise ValueError(f"train.remat = 'blocks' recomputes the ResBlocks, whose dropout masks "
+                     f"would not be replayed: set model.dropout = 0 (now {m.dropout}) or "
+                     f"train.remat to 'none' or 'dino'")
   if not need_weights:
     return
   if config.loss.perceptual_weight > 0:

@@ -76,6 +76,7 @@ from gsq_jax.models import Tokenizer
 from gsq_jax.models import discriminators as disc_lib
 from gsq_jax.models import dino as dino_lib
 from gsq_jax.models import lpips as lpips_lib
+from gsq_jax.models import remat
 from gsq_jax.models import parameter_counts_from_config
 from gsq_jax.models.tokenizer import COMPUTE_DTYPES
 from gsq_jax.utils import compilation_cache
@@ -193,6 +194,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
     for model in (abstract, disc):
       if model is not None:
         cpu_conv.use_fast_cpu_convs(model)
+  for model in (abstract, disc):  # recompute activations in the backward (train.remat)
+    if model is not None:
+      remat.use_remat(model, t.get("remat", "none"))
   g_graphdef, _, _ = steps.split_tokenizer(abstract)
   frozen = {}  # pretrained, never trained, never checkpointed
   d_graphdef = d_params = d_stats = None

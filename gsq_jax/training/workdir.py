@@ -50,7 +50,7 @@ RESUMABLE = (
     "train.keep_checkpoints", "train.image_every_steps", "train.num_image_samples",
     "train.eval_every_steps", "train.final_eval", "train.preemption_check_every_steps",
     "train.fast_cpu_convs", "train.inject_nan_at_step", "train.dead_code_steps",
-    "train.gpu_memory_fraction",
+    "train.gpu_memory_fraction", "train.remat",
     "eval.", "mesh.",
     "data.data_dir", "data.eval_source", "data.eval_crop", "data.eval_num_images",
     "data.num_workers", "data.num_threads", "data.read_buffer", "data.prefetch",
