@@ -18,6 +18,10 @@ Using a trained or imported run (gsq_jax/inference/api.py):
 
 __version__ = "0.1.0"
 
+from gsq_jax.utils import quiet_logs as _quiet_logs  # logging only: no JAX imported
+
+_quiet_logs.condense_cuda_plugin_error()
+
 __all__ = ["load_tokenizer"]
 
 

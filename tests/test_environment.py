@@ -21,3 +21,29 @@ def test_mixed_versions_ignores_unknown_and_equal():
           {"version_jax": None, "run": "pending"}]
   assert environment.mixed_versions(rows) == {"version_jax": ["0.10.2", "0.11.0"]}
   assert environment.mixed_versions(rows[1:]) == {}
+
+
+def test_cuda_plugin_without_driver_is_one_warning_line():
+  """[plan-gpu] installs JAX's CUDA plugin; on a CPU machine its traceback becomes one line."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from gsq_jax.utils import quiet_logs  # pylint: disable=import-outside-toplevel
+
+  def record(error):
+    try:
+      raise error
+    except RuntimeError:
+      import sys  # pylint: disable=import-outside-toplevel
+      return logging.LogRecord("jax._src.xla_bridge", logging.ERROR, "xla_bridge.py", 1,
+                               "Jax plugin configuration error: Exception when calling %s.initialize()",
+                               ("jax_plugins.xla_cuda12",), sys.exc_info())
+
+  condense = quiet_logs.CudaPluginWithoutDriver()
+  no_driver = record(RuntimeError("Unable to load CUDA. Is it installed?"))
+  assert condense.filter(no_driver)
+  assert no_driver.exc_info is None and no_driver.levelno == logging.WARNING
+  assert "CUDA cannot be loaded on this machine" in no_driver.getMessage()
+  other = record(RuntimeError("cuDNN version mismatch"))  # a real GPU problem keeps its traceback
+  assert condense.filter(other) and other.exc_info is not None and other.levelno == logging.ERROR
+  import gsq_jax  # pylint: disable=import-outside-toplevel,unused-import
+  assert any(isinstance(f, quiet_logs.CudaPluginWithoutDriver)
+             for f in logging.getLogger("jax._src.xla_bridge").filters)

@@ -4,6 +4,11 @@ orbax logs dozens of INFO lines per checkpoint save or restore, grain a few
 per iterator, and JAX's platform probe says "Unable to initialize backend
 'tpu'" on every machine without one. Our own messages and every library
 warning (error, for `gsq-eval`'s read-only restore) stay.
+
+`CudaPluginWithoutDriver` (installed when gsq_jax is imported) turns the
+30-line traceback JAX's CUDA plugin logs on a machine without a CUDA driver
+-- every CPU machine with the `[plan-gpu]` extra, which installs the plugin
+to compile for GPUs deviceless -- into one warning line.
 """
 
 from __future__ import annotations
@@ -38,3 +43,24 @@ def install(min_level: int = logging.WARNING) -> QuietLibraries:
       logger.removeFilter(old)
     logger.addFilter(quiet)
   return quiet
+
+
+class CudaPluginWithoutDriver(logging.Filter):
+  """Condenses "Exception when calling jax_plugins.xla_cuda12.initialize()" without a driver."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if (error is not None and "xla_cuda12.initialize" in record.getMessage()
+        and "Unable to load CUDA" in str(error)):
+      record.msg = ("JAX's CUDA plugin is installed (e.g. by gsq_jax[plan-gpu], to compile for GPUs "
+                    "deviceless) but CUDA cannot be loaded on this machine: JAX runs on CPU")
+      record.args, record.exc_info, record.exc_text = (), None, None
+      record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
+def condense_cuda_plugin_error() -> None:
+  """Installs CudaPluginWithoutDriver on JAX's platform logger (idempotent)."""
+  logger = logging.getLogger(_PROBE_LOGGER)
+  if not any(isinstance(f, CudaPluginWithoutDriver) for f in logger.filters):
+    logger.addFilter(CudaPluginWithoutDriver())
