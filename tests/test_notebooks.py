@@ -19,6 +19,7 @@ Settings are injected papermill-style: a cell after the one tagged
 "parameters" sets TABLE / OUT_DIR, so the notebooks themselves stay untouched.
 """
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -76,6 +77,33 @@ def ci_table(tmp_path_factory, trainer_env) -> pathlib.Path:
   table = root / "tables" / "analysis_ci_tiny.csv"
   assert table.is_file(), collect.stdout
   return table
+
+
+@pytest.fixture(scope="module")
+def released_table(tmp_path_factory, trainer_env) -> pathlib.Path:
+  """The shipped checkpoints in the released flex_gen / SEED-Voken formats, through the user's path:
+  gsq-import, gsq-eval on the same 8 images (reconstruction and usage metrics), gsq-collect."""
+  checkpoints = REPO.parent / "shared" / "reference" / "checkpoints"
+  if not (checkpoints / "ibq_small.ckpt").is_file():
+    pytest.skip(f"reference checkpoints not found in {checkpoints}")
+  zoo = tmp_path_factory.mktemp("zoo")
+
+  def run(*args, timeout=240):
+    done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=trainer_env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+  for kind, name in (("flex_gen", "flex_gsq_agn_d2s.pt"), ("ibq", "ibq_small.ckpt")):
+    workdir = zoo / name.split(".")[0]
+    run("gsq_jax.importers.cli", kind, str(checkpoints / name), "--workdir", str(workdir))
+    config = json.loads((workdir / "config.json").read_text())
+    config["eval"].update(lpips=False, kid=False, fd_vgg16=False)  # the suite's time budget
+    (workdir / "config.json").write_text(json.dumps(config))
+  run("gsq_jax.evaluation.cli", "--workdir", str(zoo / "flex_gsq_agn_d2s"), "--workdir",
+      str(zoo / "ibq_small"), "--data", f"folder:{REPO.parent / 'shared' / 'data' / 'imagenet-samples-256'}",
+      "--num-images", "8", "--image-size", "64", "--crop", "center")
+  run("gsq_jax.sweeps.collect", str(zoo))
+  return zoo
 
 
 def _execute(notebook: str, table: pathlib.Path, out_dir: pathlib.Path, **params):
@@ -177,8 +205,8 @@ def test_spatial_scaling_notebook(ci_table, tmp_path):
   _assert_png(tmp_path / "spatial_mse.png")
 
 
-def test_gsq_vs_ibq_notebook(ci_table, tmp_path):
-  nb = _execute("gsq_vs_ibq_usage.ipynb", ci_table, tmp_path)
+def test_gsq_vs_ibq_notebook(ci_table, released_table, tmp_path):
+  nb = _execute("gsq_vs_ibq_usage.ipynb", ci_table, tmp_path, RELEASED=str(released_table))
   _assert_png(tmp_path / "gsq_vs_ibq_usage.png")
   _assert_png(tmp_path / "gsq_vs_ibq_training.png")
   assert _images(nb) == 2
@@ -196,3 +224,16 @@ def test_gsq_vs_ibq_notebook(ci_table, tmp_path):
   assert paper.loc["paper gsq f16 D16 G1 V256k", "perplexity"] == 254_044
   assert (paper["tokens"] == 12_800_000).all()
   assert "tokens per window" in _text(nb)  # the training-curve windows state their count
+  # The released checkpoints, side by side with the runs at their evaluated resolution.
+  side = pd.read_csv(tmp_path / "released_vs_runs_usage.csv")
+  released = side[side["source"] == "released"].set_index("imported_from")
+  assert sorted(released.index) == ["flex_gsq_agn_d2s.pt", "ibq_small.ckpt"]
+  assert (side["source"] == "run").sum() == 4
+  # 8 images at 64²: flex f8 D16 G4 V1024 -> 64 tokens x 4 lookups; IBQ f4 V512 -> 256 x 1.
+  assert released.loc["flex_gsq_agn_d2s.pt", "lookups"] == 8 * 64 * 4
+  assert released.loc["ibq_small.ckpt", "lookups"] == 8 * 256
+  assert released.loc["flex_gsq_agn_d2s.pt", "bits_per_image"] == 64 * 4 * 10
+  assert released.loc["ibq_small.ckpt", "bits_per_image"] == 256 * 9
+  np.testing.assert_allclose(released["usage_uniform_expectation"],
+                             100 * -np.expm1(-released["lookups"] / released["V"]), rtol=1e-9)
+  assert released["usage"].between(0, 100).all() and released["perplexity"].gt(1).all()

@@ -30,6 +30,7 @@ from gsq_jax.analysis.paper import paper_table_names
 from gsq_jax.analysis.tables import add_uniform_usage_expectation
 from gsq_jax.analysis.tables import coerce_numeric
 from gsq_jax.analysis.tables import finished_runs
+from gsq_jax.analysis.tables import imported_runs
 from gsq_jax.analysis.tables import load_table
 from gsq_jax.analysis.tables import pick_metric
 from gsq_jax.analysis.tables import run_label

@@ -323,11 +323,20 @@ def finished_runs(df: pd.DataFrame) -> pd.DataFrame:
   """The rows of finished runs (status "done"); every row of a table without `status`.
 
   `gsq-collect` lists pending, running and failed runs too, with empty
-  metrics; fits and plots want the finished ones.
+  metrics; fits and plots want the finished ones. Imported released
+  checkpoints (status "imported") are kept apart: see `imported_runs`.
   """
   if "status" not in df.columns:
     return df.copy()
   return df[df["status"].astype(str).str.lower() == "done"].copy()
+
+
+def imported_runs(df: pd.DataFrame) -> pd.DataFrame:
+  """The rows of released checkpoints brought in by gsq-import and evaluated by gsq-eval."""
+  if "status" not in df.columns:
+    return df.iloc[:0].copy()
+  rows = df[df["status"].astype(str).str.lower() == "imported"]
+  return rows[rows["usage"].notna()].copy() if "usage" in rows else rows.iloc[:0].copy()
 
 
 def pick_metric(df: pd.DataFrame, preferred: str, fallbacks: Sequence[str] = ()) -> str:

@@ -16,8 +16,8 @@ import pandas as pd
 
 from gsq_jax.analysis import tables
 
-_KEYS = ("source", "method", "run", "quantizer", "f", "D", "G", "d", "V", "seed", "res",
-         "init", "norm", "steps", "eval_source", "eval_images")
+_KEYS = ("source", "method", "run", "imported_from", "quantizer", "f", "D", "G", "d", "V", "seed",
+         "res", "init", "norm", "steps", "eval_source", "eval_images", "eval_resolution")
 # Codebook-health columns carried through when the table has them (gsq-collect).
 _HEALTH = ("unused_codes", "train_usage", "train_usage_lookups",
            "train_usage_uniform_expectation", "train_dead_codes", "codebook_norm_cv")
@@ -96,7 +96,8 @@ def matched_bits(summary: pd.DataFrame) -> pd.DataFrame:
   """Adds the bit budget of each row and its multiple of the IBQ rows' budget.
 
   A tokenizer spends (res / f)² tokens x G lookups x log2 V bits per image
-  (IBQ at 2^18, f = 16, 256²: 16·16·18 = 4,608). Comparing usage at equal
+  (IBQ at 2^18, f = 16, 256²: 16·16·18 = 4,608), res being the resolution it
+  was evaluated at (`eval_resolution`, else the training `res`). Comparing usage at equal
   budget keeps a quantizer from looking better only because it spends more
   bits. Columns added: tokens_per_image, bits_per_image, bits_multiple
   (bits_per_image / the smallest IBQ budget in the table, NaN without an IBQ
@@ -113,6 +114,8 @@ def matched_bits(summary: pd.DataFrame) -> pd.DataFrame:
                        f"{sorted(summary.columns)}")
   out = summary.copy()
   res, f, G, V = (pd.to_numeric(out[c], errors="coerce") for c in ("res", "f", "G", "V"))
+  if "eval_resolution" in out.columns:
+    res = pd.to_numeric(out["eval_resolution"], errors="coerce").fillna(res)
   out["tokens_per_image"] = (res / f) ** 2
   out["bits_per_image"] = out["tokens_per_image"] * G * np.log2(V)
   ibq = out["bits_per_image"][out.get("quantizer") == "ibq"] if "quantizer" in out else []

@@ -44,8 +44,10 @@ from gsq_jax.utils import files
 from gsq_jax.sweeps import runner
 
 KEY_COLUMNS = ("quantizer", "f", "D", "G", "d", "V", "seed")
-RUN_COLUMNS = ("res", "run", "sweep", "status", "reason", "steps", "total_steps", "images_seen",
-               "params", "wall_time_s", "device_hours")
+RUN_COLUMNS = ("res", "run", "sweep", "status", "imported_from", "reason", "steps", "total_steps",
+               "images_seen", "params", "wall_time_s", "device_hours")
+IMPORTED = "imported"  # status of a workdir written by gsq-import (a released checkpoint)
+PROVENANCE_FILE = "imported_from.json"  # = importers.run_dir.PROVENANCE_FILE (kept light: no flax)
 # Preferred order of eval.json metrics; any other key follows alphabetically.
 METRIC_ORDER = ("psnr", "ssim", "lpips_alex", "lpips_vgg", "rfid", "rfid_status", "kid_mean",
                 "kid_std", "fd_vgg16", "usage", "perplexity", "bits_per_image",
@@ -177,10 +179,13 @@ def collect_run(workdir: pathlib.Path, record: Mapping[str, Any] | None = None, 
   if keys.get("res") is None and config:
     keys["res"] = _get(config, "train.image_size")
   state, status = runner.current_state(workdir)
+  provenance = manifest_lib.read_json(workdir / PROVENANCE_FILE)
   if state == runner.PENDING and (workdir / "config.json").exists() and not status["starts"]:
-    state = "unknown"  # a workdir not started by gsq-sweep
+    state = IMPORTED if isinstance(provenance, dict) else "unknown"  # not started by gsq-sweep
   row: dict[str, Any] = {**keys, "run": workdir.name,
                          "sweep": (sweep or {}).get("sweep", ""), "status": state,
+                         "imported_from": (provenance or {}).get("file") if state == IMPORTED
+                                          else None,
                          "reason": status.get("reason", "") if state != runner.DONE else ""}
   summary = _metrics_summary(workdir / "metrics.jsonl")
   row.update(training_health(workdir / "metrics.jsonl"))
