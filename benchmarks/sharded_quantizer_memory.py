@@ -13,7 +13,7 @@ the codebook split over "vocab"; impl "unsharded" is the same step on one
 device with the whole codebook, for comparison.
 
 The `*_train` cases are the trainer's whole generator + EMA step
-(gsq_jax.training.train.build, configs/gsq.py tiny encoder/decoder, MSE + quantizer
+(gsq_jax.training.construction.build, configs/gsq.py tiny encoder/decoder, MSE + quantizer
 loss, AdamW) with the same codebooks: impl "sharded" = `mesh.vocab = 8`,
 impl "unsharded" = `mesh.data = 8` (plain data parallelism, every device
 holding the whole codebook, its EMA and Adam moments).
@@ -170,7 +170,8 @@ def run_train_case(name: str, impl: str, repeats: int) -> dict:
   from configs import gsq  # pylint: disable=g-import-not-at-top
   from gsq_jax import sharding
   from gsq_jax.data import input_pipeline
-  from gsq_jax.training import train  # pylint: disable=g-import-not-at-top
+  from gsq_jax.training import construction  # pylint: disable=g-import-not-at-top
+  from gsq_jax.training import run_config  # pylint: disable=g-import-not-at-top
 
   spec = CASES[name]
   v, dim, groups = spec["vocab"], spec["latent_dim"], spec["num_groups"]
@@ -181,10 +182,10 @@ def run_train_case(name: str, impl: str, repeats: int) -> dict:
   config.train.two_batches_per_step = False
   config.mesh.update({"data": 1, "fsdp": 1, "vocab": DEVICES} if impl == "sharded"
                      else {"data": DEVICES, "fsdp": 1, "vocab": 1})
-  train.validate_config(config, num_devices=DEVICES, process_count=1)
+  run_config.validate_config(config, num_devices=DEVICES, process_count=1)
   mesh = sharding.make_mesh(config.mesh)
   jax.set_mesh(mesh)
-  run = train.build(config, mesh)
+  run = construction.build(config, mesh)
   images = np.random.default_rng(0).uniform(
       -1, 1, (spec["images"], spec["res"], spec["res"], 3)).astype(np.float32)
   batch = input_pipeline.make_global_batch({"image": images}, sharding.data_sharding(mesh))

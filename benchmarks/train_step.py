@@ -36,7 +36,8 @@ import numpy as np  # noqa: E402
 
 from configs import gsq  # noqa: E402
 from gsq_jax import sharding  # noqa: E402
-from gsq_jax.training import train  # noqa: E402
+from gsq_jax.training import construction  # noqa: E402
+from gsq_jax.training import run_config  # noqa: E402
 
 # Dense bf16 peak FLOP/s per device kind, for model FLOP utilisation.
 PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
@@ -67,11 +68,11 @@ def measure(res: int, batch: int, steps: int, dtype: str, model: str,
   config = reference_config(res, batch, dtype, model, fast_cpu_convs)
   devices = jax.devices()[:1]
   device = devices[0]
-  train.validate_config(config, num_devices=1, process_count=1)
+  run_config.validate_config(config, num_devices=1, process_count=1)
   mesh = sharding.make_mesh(config.mesh, devices)
   rng = np.random.default_rng(0)
   with jax.set_mesh(mesh):
-    run = train.build(config, mesh)
+    run = construction.build(config, mesh)
     batches = [jax.device_put({"image": rng.uniform(-1, 1, (batch, res, res, 3)).astype(
         np.float32)}, sharding.data_sharding(mesh)) for _ in range(2)]
     start = time.perf_counter()
@@ -82,7 +83,7 @@ def measure(res: int, batch: int, steps: int, dtype: str, model: str,
     if fast_cpu_convs and device.platform == "cpu":
       # The model's FLOPs are those of direct convolutions; Winograd executes
       # fewer. Count them on the step with XLA's own convolutions (not compiled).
-      plain = train.build(reference_config(res, batch, dtype, model, False), mesh)
+      plain = construction.build(reference_config(res, batch, dtype, model, False), mesh)
       model_flops = (plain.train_step.lower(plain.state, plain.consts, batches[0])
                      .cost_analysis() or {}).get("flops")
     state = run.state

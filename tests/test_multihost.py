@@ -28,14 +28,14 @@ WORKER = textwrap.dedent("""
     assert sharding.initialize_distributed(f"127.0.0.1:{{port}}", {n}, pid)
     import jax
     from gsq_jax.data import input_pipeline
-    from gsq_jax.training import train
+    from gsq_jax.training import construction
     from test_steps import images, small_config
     assert jax.process_count() == {n} and jax.device_count() == 8
     config = small_config()
     mesh = sharding.make_mesh(config.mesh)
     losses = []
     with jax.set_mesh(mesh):
-      run = train.build(config, mesh)
+      run = construction.build(config, mesh)
       state = run.state
       rows = 8 // {n}
       for i in range(3):

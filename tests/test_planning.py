@@ -20,7 +20,7 @@ from gsq_jax import sharding
 from gsq_jax.planning import flops as flops_lib
 from gsq_jax.planning import targets as targets_lib
 from gsq_jax.training import run_config
-from gsq_jax.training import train
+from gsq_jax.training import construction
 
 
 def tiny_config(batch: int = 8, **train_fields):
@@ -134,7 +134,7 @@ def dino_run_without_weights(tmp_path_factory):
   config.loss.lpips_weights = str(absent / "absent_lpips")
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    run = train.build(config, mesh, shapes_only=True)
+    run = construction.build(config, mesh, shapes_only=True)
     forward = programs.trace_programs(config, mesh, names=("tokenizer_forward",), run=run)
   return config, run, forward["tokenizer_forward"]
 
@@ -272,6 +272,7 @@ def test_planner_tries_remat_before_changing_the_mesh_or_the_batch():
   assert changes[4].startswith("global batch 256")
   config.train.remat, config.disc.name = "dino", "patchgan"
   assert [c for c, _ in plan_lib._remat_fixes(config)] == ["train.remat=blocks"]  # pylint: disable=protected-access
+  config = tiny_config()
   config.train.remat = "everything"
   with pytest.raises(ValueError, match="train.remat must be one of"):
     run_config.validate_config(config, num_devices=8, process_count=1, need_weights=False)

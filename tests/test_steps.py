@@ -19,7 +19,8 @@ from gsq_jax.cpu_kernels import cpu_conv  # noqa: E402
 from gsq_jax.data import input_pipeline  # noqa: E402
 from gsq_jax.training import optim  # noqa: E402
 from gsq_jax import sharding  # noqa: E402
-from gsq_jax.training import train  # noqa: E402
+from gsq_jax.training import construction  # noqa: E402
+from gsq_jax.training import run_config  # noqa: E402
 from gsq_jax.cpu_kernels import winograd_conv  # noqa: E402
 from gsq_jax.utils import torch_pickle  # noqa: E402
 
@@ -49,9 +50,9 @@ def images(seed: int, n: int = 8, size: int = 16) -> np.ndarray:
 
 def run_steps(config, mesh, num_steps: int = 3):
   """Builds the run on `mesh` and takes `num_steps` steps on fixed batches."""
-  train.validate_config(config, num_devices=mesh.size, process_count=1)
+  run_config.validate_config(config, num_devices=mesh.size, process_count=1)
   with jax.set_mesh(mesh):
-    run = train.build(config, mesh)
+    run = construction.build(config, mesh)
     state, losses = run.state, []
     for i in range(num_steps):
       batch = {"image": images(i)}

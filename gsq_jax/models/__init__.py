@@ -21,6 +21,7 @@ from gsq_jax.models.tokenizer import parameter_counts_from_config
 from gsq_jax.models.tokenizer import validate_model_config
 
 __all__ = [
-    "Decoder", "Encoder", "Tokenizer", "build_tokenizer", "default_model_config", "ibq_model_config",
+    "Decoder", "Encoder", "Tokenizer", "build_tokenizer", "default_model_config", "evaluation_view",
+    "ibq_model_config",
     "parameter_counts", "parameter_counts_from_config", "validate_model_config",
 ]

@@ -2,7 +2,7 @@
 
 Deviceless ahead-of-time compilation (spec/AOT.md) of exactly the programs
 the trainer runs, built by the trainer's own construction path
-(`training.train.build(..., shapes_only=True)`): per-device memory against the
+(`training.construction.build(..., shapes_only=True)`): per-device memory against the
 target, fit and the memory fraction to set, model FLOPs, a roofline estimate
 of step time and device-hours, for one config or every point of a sweep
 (`gsq-sweep SWEEP --plan --target T`). Needs the extra `[plan-gpu]` or

@@ -1,6 +1,6 @@
 """Compiles the programs a training run executes, for any mesh, from shapes only.
 
-The programs are exactly the trainer's: `train.build(config, mesh,
+The programs are exactly the trainer's: `construction.build(config, mesh,
 shapes_only=True)` gives the jitted train step (generator + discriminator in
 the config's order), the usage report and their abstract state with its
 NamedShardings; the eval step is the evaluator's, with the tokenizer's EMA
@@ -29,7 +29,7 @@ from gsq_jax.evaluation import evaluator
 from gsq_jax.evaluation.eval_config import resolve_eval_config
 from gsq_jax.planning import flops as flops_lib
 from gsq_jax.training import steps
-from gsq_jax.training import train
+from gsq_jax.training import construction
 
 _REMAT = re.compile(r"([\w.\-]+\.remat\d*)\b")  # names of XLA's rematerialised copies
 
@@ -80,7 +80,7 @@ PROGRAMS = ("train_step", "usage_report", "eval_step", "tokenizer_forward")
 
 
 def trace_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-                   names: tuple[str, ...] = PROGRAMS, run: train.Run | None = None
+                   names: tuple[str, ...] = PROGRAMS, run: construction.Run | None = None
                    ) -> dict[str, Any]:
   """{name: jax.stages.Traced} of the trainer's programs over abstract inputs on `mesh`.
 
@@ -94,7 +94,7 @@ def trace_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *
   t = config.train
   traced = {}
   with jax.set_mesh(mesh):
-    run = run or train.build(config, mesh, shapes_only=True)
+    run = run or construction.build(config, mesh, shapes_only=True)
     batch = run.batch_shapes(t.global_batch_size, t.image_size)
     if "train_step" in names:
       traced["train_step"] = run.train_step.trace(run.state, run.consts, batch)

@@ -4,6 +4,8 @@ Read in this order:
 
 * `train.py`: the loop and the CLI (`gsq-train` / `python -m gsq_jax.training.train`):
   build the state, restore or start, step, log, checkpoint, evaluate, DONE.
+* `construction.py`: networks, optimisers, train state and jitted functions of a run (the
+  one construction path, also gsq-plan's: `build(config, mesh, shapes_only=True)`).
 * `cli_help.py`: `gsq-train --help` (flags and config arg keys) and one-line flag errors.
 * `steps.py`: the pure, jitted generator and discriminator steps and the usage report.
 * `losses.py`: reconstruction, perceptual, GAN and quantizer loss terms as pure functions.
