@@ -264,6 +264,25 @@ def test_dino_backward_compiles_for_h100_with_default_flags_and_remat_saves_memo
   assert temp["dino"] < 0.6 * temp["none"], temp
 
 
+def test_a_tpu_program_that_does_not_fit_still_reports_its_need():
+  from gsq_jax.planning import programs  # pylint: disable=import-outside-toplevel
+
+  class Traced:  # what jax.jit(...).trace() gives, with TPU's out-of-memory compile error
+    jaxpr = jax.make_jaxpr(lambda x: x @ x)(jnp.ones((4, 4)))
+
+    def lower(self):
+      return self
+
+    def compile(self, options):
+      del options
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+                         "for HLO temporaries (135.56G) exceeds available HBM (95.74G).")
+
+  stats = programs.compile_traced("train_step", Traced(), None)
+  assert stats.error.startswith("RuntimeError: RESOURCE_EXHAUSTED")
+  assert stats.need_bytes == int(135.56 * 2 ** 30) and stats.flops == 2 * 4 ** 3
+
+
 def test_planner_tries_remat_before_changing_the_mesh_or_the_batch():
   from gsq_jax.planning import plan as plan_lib  # pylint: disable=import-outside-toplevel
   config = gsq_config.get_config("D=64,G=4,V=256k,f=16")  # GSQ-GAN with DINO

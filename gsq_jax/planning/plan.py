@@ -12,9 +12,10 @@ target's devices (targets.py) and reads:
   fits, each tried by compiling: rematerialising the DINO backbone's blocks,
   then every block (`train.remat`: same function, more compute), FSDP over
   all devices, the codebook split over the devices (GSQ/VQ/IBQ), then halving
-  the global batch (the only change to the recipe). A point that fits only
-  with a raised memory fraction also gets the remat option that fits JAX's
-  default fraction, as `option`.
+  the global batch (the only change to the recipe); the fix names what each
+  smaller change would have needed (a TPU program that does not fit fails to
+  compile but states its need). A point that fits only with a raised memory
+  fraction also gets the remat option that fits JAX's default, as `option`.
 - FLOPs: model FLOPs of one train step over all devices, per image of the
   global batch, of the tokenizer's forward per image, and for total_steps.
 - roofline: per device max(FLOPs / peak, product operand bytes / bandwidth)
@@ -181,6 +182,7 @@ def plan_run(config: ml_collections.ConfigDict, target: targets_lib.Target, *,
                      f"{alt.flops_per_step / plan.flops_per_step - 1:+.0%} FLOPs)")
         break
   elif not plan.fits and try_fixes and _out_of_memory(plan):
+    tried = []
     for change, fixed in _fixes(config, len(devices)):
       alt = plan_run(fixed, target, label=f"{label} [{change}]", devices=devices,
                      compiler_options=compiler_options, include_eval=include_eval,
@@ -188,11 +190,18 @@ def plan_run(config: ml_collections.ConfigDict, target: targets_lib.Target, *,
       if alt.fits:
         plan.fix, plan.alternative = change, alt
         break
+      tried.append(f"{change}: {_need_text(alt)}")
     else:
       plan.fix = "no tried change fits"
+    if tried:  # what the smaller changes would have needed, so the choice can be checked
+      plan.fix += f" (not enough: {'; '.join(tried)})"
   elif not plan.fits and not _out_of_memory(plan):
     plan.fix = "compilation failed (see errors)"
   return plan
+
+
+def _need_text(plan: Plan) -> str:
+  return f"{plan.need_bytes / targets_lib.GIB:.1f} GiB" if plan.need_bytes else "failed"
 
 
 def _out_of_memory(plan: Plan) -> bool:

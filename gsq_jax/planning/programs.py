@@ -32,6 +32,9 @@ from gsq_jax.training import steps
 from gsq_jax.training import construction
 
 _REMAT = re.compile(r"([\w.\-]+\.remat\d*)\b")  # names of XLA's rematerialised copies
+# TPU: "the total memory required for HLO temporaries (135.56G) exceeds available HBM (95.74G)"
+_TPU_OOM = re.compile(r"required for HLO temporaries \((\d+(?:\.\d+)?)([KMGT])\)")
+_UNIT = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
 @dataclasses.dataclass
@@ -63,6 +66,10 @@ def compile_traced(name: str, traced, compiler_options: dict[str, Any] | None) -
   except Exception as e:  # pylint: disable=broad-except  (XLA raises plain RuntimeErrors)
     stats.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     stats.compile_seconds = time.perf_counter() - start
+    oom = _TPU_OOM.search(str(e))
+    if oom:  # a TPU program that does not fit still says what it would need
+      stats.temp_bytes = int(float(oom.group(1)) * _UNIT[oom.group(2)])
+      stats.need_bytes = stats.temp_bytes
     return stats
   stats.compile_seconds = time.perf_counter() - start
   m = compiled.memory_analysis()
