@@ -22,6 +22,7 @@ from orbax.checkpoint._src.path import atomicity
 from PIL import Image
 import pytest
 
+from gsq_jax.training import construction
 from gsq_jax.training import run_guards
 from gsq_jax.training import train
 from gsq_jax.training import workdir as workdir_lib
@@ -185,7 +186,7 @@ def test_only_corrupt_images_fail_before_building(tmp_path, monkeypatch):
     (folder / f"{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
   def no_build(*_):
     raise AssertionError("the model must not be built for data that cannot be read")
-  monkeypatch.setattr(train, "build", no_build)
+  monkeypatch.setattr(construction, "build", no_build)
   config = small_config(**{**RUN, "data.source": f"folder:{folder}"})
   assert train.train_and_evaluate(config, str(tmp_path / "run")) == train.EXIT_FAILED
   failed = json.loads((tmp_path / "run" / "FAILED").read_text())
