@@ -29,6 +29,7 @@ WORKER = textwrap.dedent("""
     import jax
     from gsq_jax.data import input_pipeline
     from gsq_jax.training import construction
+    from gsq_jax.training import train
     from test_steps import images, small_config
     assert jax.process_count() == {n} and jax.device_count() == 8
     config = small_config()
