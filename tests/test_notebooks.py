@@ -93,9 +93,10 @@ def released_table(tmp_path_factory, trainer_env) -> pathlib.Path:
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
+  from gsq_jax.importers import cli as import_cli  # pylint: disable=import-outside-toplevel
   for kind, name in (("flex_gen", "flex_gsq_agn_d2s.pt"), ("ibq", "ibq_small.ckpt")):
-    workdir = zoo / name.split(".")[0]
-    run("gsq_jax.importers.cli", kind, str(checkpoints / name), "--workdir", str(workdir))
+    workdir = zoo / name.split(".")[0]  # gsq-import, in this process (saves two JAX starts)
+    assert import_cli.main([kind, str(checkpoints / name), "--workdir", str(workdir)]) == 0
     config = json.loads((workdir / "config.json").read_text())
     config["eval"].update(lpips=False, kid=False, fd_vgg16=False)  # the suite's time budget
     (workdir / "config.json").write_text(json.dumps(config))
