@@ -287,8 +287,13 @@ def test_planner_tries_remat_before_changing_the_mesh_or_the_batch():
   from gsq_jax.planning import plan as plan_lib  # pylint: disable=import-outside-toplevel
   config = gsq_config.get_config("D=64,G=4,V=256k,f=16")  # GSQ-GAN with DINO
   changes = [change for change, _ in plan_lib._fixes(config, 8)]  # pylint: disable=protected-access
-  assert changes[:4] == ["train.remat=dino", "train.remat=blocks", "mesh fsdp=8", "mesh vocab=8"]
-  assert changes[4].startswith("global batch 256")
+  assert changes[:8] == ["train.remat=dino", "train.remat=blocks", "mesh fsdp=8", "mesh vocab=8",
+                         "train.remat=dino + mesh fsdp=8", "train.remat=dino + mesh vocab=8",
+                         "train.remat=blocks + mesh fsdp=8", "train.remat=blocks + mesh vocab=8"]
+  assert changes[8].startswith("global batch 256")
+  combined = dict(plan_lib._fixes(config, 8))["train.remat=dino + mesh fsdp=8"]  # pylint: disable=protected-access
+  assert (combined.train.remat, combined.mesh.fsdp, combined.mesh.data) == ("dino", 8, 1)
+  assert config.train.remat == "none" and config.mesh.fsdp != 8  # the config itself is untouched
   config.train.remat, config.disc.name = "dino", "patchgan"
   assert [c for c, _ in plan_lib._remat_fixes(config)] == ["train.remat=blocks"]  # pylint: disable=protected-access
   config = tiny_config()

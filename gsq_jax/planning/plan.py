@@ -11,8 +11,9 @@ target's devices (targets.py) and reads:
 - a point that does not fit is re-planned with the smallest change that
   fits, each tried by compiling: rematerialising the DINO backbone's blocks,
   then every block (`train.remat`: same function, more compute), FSDP over
-  all devices, the codebook split over the devices (GSQ/VQ/IBQ), then halving
-  the global batch (the only change to the recipe); the fix names what each
+  all devices, the codebook split over the devices (GSQ/VQ/IBQ), each remat
+  with each layout, then halving the global batch (the only change to the
+  recipe); the fix names what each
   smaller change would have needed (a TPU program that does not fit fails to
   compile but states its need). A point that fits only with a raised memory
   fraction also gets the remat option that fits JAX's default, as `option`.
@@ -220,21 +221,36 @@ def _remat_fixes(config: ml_collections.ConfigDict):
 
 
 def _fixes(config: ml_collections.ConfigDict, num_devices: int):
-  """(description, changed config) in the order of least change to the run."""
-  yield from _remat_fixes(config)
-  m = config.model
-  data, fsdp, vocab = sharding_lib.mesh_shape(config.mesh, num_devices)
-  if fsdp < num_devices:
-    yield f"mesh fsdp={num_devices}", _with(config, mesh=dict(data=1, fsdp=num_devices, vocab=1))
-  if (vocab < num_devices and m.quantizer.name in sharding_lib.VOCAB_SHARDABLE
-      and m.codebook_size % num_devices == 0):
-    yield (f"mesh vocab={num_devices}",
-           _with(config, mesh=dict(data=1, fsdp=1, vocab=num_devices)))
+  """(description, changed config) in the order of least change to the run.
+
+  Each rematerialisation and each mesh layout alone, then each pair of them
+  (the step computes the same function in all of these), and only then a
+  smaller global batch, which changes the recipe.
+  """
+  remats = list(_remat_fixes(config))
+  layouts = list(_layout_fixes(config, num_devices))
+  yield from remats
+  for change, mesh in layouts:
+    yield change, _with(config, mesh=mesh)
+  for remat_change, remat_config in remats:
+    for change, mesh in layouts:
+      yield f"{remat_change} + {change}", _with(remat_config, mesh=mesh)
   batch = config.train.global_batch_size
   while batch // 2 >= num_devices and (batch // 2) % num_devices == 0:
     batch //= 2
     yield (f"global batch {batch} ({batch // num_devices} per device)",
            _with(config, train=dict(global_batch_size=batch)))
+
+
+def _layout_fixes(config: ml_collections.ConfigDict, num_devices: int):
+  """(description, mesh block) of the layouts that spread state over all devices."""
+  m = config.model
+  _, fsdp, vocab = sharding_lib.mesh_shape(config.mesh, num_devices)
+  if fsdp < num_devices:
+    yield f"mesh fsdp={num_devices}", dict(data=1, fsdp=num_devices, vocab=1)
+  if (vocab < num_devices and m.quantizer.name in sharding_lib.VOCAB_SHARDABLE
+      and m.codebook_size % num_devices == 0):
+    yield f"mesh vocab={num_devices}", dict(data=1, fsdp=1, vocab=num_devices)
 
 
 def _with(config: ml_collections.ConfigDict, **blocks) -> ml_collections.ConfigDict:
