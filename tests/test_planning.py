@@ -281,6 +281,10 @@ def test_a_tpu_program_that_does_not_fit_still_reports_its_need():
   stats = programs.compile_traced("train_step", Traced(), None)
   assert stats.error.startswith("RuntimeError: RESOURCE_EXHAUSTED")
   assert stats.need_bytes == int(135.56 * 2 ** 30) and stats.flops == 2 * 4 ** 3
+  Traced.compile = lambda self, options: (_ for _ in ()).throw(RuntimeError(
+      "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of "
+      "memory in memory space hbm. Used 95.87G of 95.74G hbm. Exceeded hbm capacity by 128.90M."))
+  assert programs.compile_traced("train_step", Traced(), None).need_bytes == int(95.87 * 2 ** 30)
 
 
 def test_planner_tries_remat_before_changing_the_mesh_or_the_batch():

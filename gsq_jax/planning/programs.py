@@ -33,7 +33,9 @@ from gsq_jax.training import construction
 
 _REMAT = re.compile(r"([\w.\-]+\.remat\d*)\b")  # names of XLA's rematerialised copies
 # TPU: "the total memory required for HLO temporaries (135.56G) exceeds available HBM (95.74G)"
-_TPU_OOM = re.compile(r"required for HLO temporaries \((\d+(?:\.\d+)?)([KMGT])\)")
+# or "Ran out of memory in memory space hbm. Used 95.87G of 95.74G hbm."
+_TPU_OOM = re.compile(r"(?:required for HLO temporaries \(|memory space hbm\. Used )"
+                      r"(\d+(?:\.\d+)?)([KMGT])")
 _UNIT = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
