@@ -33,17 +33,6 @@ import pytest  # noqa: E402
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 
 
-# The heaviest files first. pytest-xdist (`--dist loadfile`, pytest.ini) hands whole files to the two
-# workers in collection order, so a long file collected late would run alone at the end of the suite.
-_HEAVY_FIRST = ("test_notebooks.py", "test_sweeps.py", "test_slurm_integration.py", "test_train.py",
-                "test_steps.py", "test_planning.py", "test_run_safety.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
-
-
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
   """The ../shared folder beside the checkout (spec, reference vectors, data)."""

@@ -268,3 +268,9 @@ def test_tiny_ibq_network_on_demo_lowers_reconstruction_loss(tmp_path):
   assert rows[-1]["step"] == 200
   assert rows[-1]["rec_loss"] < 0.6 * rows[0]["rec_loss"], (rows[0], rows[-1])
   shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)
+
+
+def test_collect_recognises_the_provenance_file_the_importer_writes():
+  from gsq_jax.importers import run_dir  # pylint: disable=import-outside-toplevel
+  from gsq_jax.sweeps import collect  # pylint: disable=import-outside-toplevel
+  assert collect.PROVENANCE_FILE == run_dir.PROVENANCE_FILE  # collect keeps no flax import

@@ -22,7 +22,7 @@ REMAT_CHOICES = {"none": (), "dino": ("dino",), "blocks": ("dino", "tokenizer")}
 
 
 class Rematerializable(nnx.Module):
-  """A block that can run under `nnx.remat`; subclasses define `forward`."""
+  """A block whose forward can run under `jax.checkpoint`; subclasses define `forward`."""
 
   remat_group = "tokenizer"  # encoder / decoder blocks; DINO's blocks say "dino"
   remat: bool = False

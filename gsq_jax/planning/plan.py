@@ -13,10 +13,10 @@ target's devices (targets.py) and reads:
   then every block (`train.remat`: same function, more compute), FSDP over
   all devices, the codebook split over the devices (GSQ/VQ/IBQ), each remat
   with each layout, then halving the global batch (the only change to the
-  recipe); the fix names what each
-  smaller change would have needed (a TPU program that does not fit fails to
-  compile but states its need). A point that fits only with a raised memory
-  fraction also gets the remat option that fits JAX's default, as `option`.
+  recipe); the fix names what each smaller change would have needed (a TPU
+  program that does not fit fails to compile but states its need). A point
+  that fits only with a raised memory fraction also gets the remat option
+  that fits JAX's default, as `option`.
 - FLOPs: model FLOPs of one train step over all devices, per image of the
   global batch, of the tokenizer's forward per image, and for total_steps.
 - roofline: per device max(FLOPs / peak, product operand bytes / bandwidth)
