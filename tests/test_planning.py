@@ -264,6 +264,33 @@ def test_dino_backward_compiles_for_h100_with_default_flags_and_remat_saves_memo
   assert temp["dino"] < 0.6 * temp["none"], temp
 
 
+def test_fix_search_takes_the_first_change_that_fits_and_says_what_the_others_needed(monkeypatch):
+  """The search itself, with compiled needs stood in by a table (each real compile takes minutes)."""
+  from gsq_jax.planning import plan as plan_lib  # pylint: disable=import-outside-toplevel
+  from gsq_jax.planning import programs  # pylint: disable=import-outside-toplevel
+  gib = 2 ** 30
+  need = {("none", 1): 135 * gib, ("dino", 1): 97 * gib, ("blocks", 1): 99 * gib,
+          ("none", 4): 134 * gib, ("dino", 4): 90 * gib}
+
+  def fake_compile(config, mesh, **_):
+    key = (config.train.remat, config.mesh.fsdp)
+    fits = key in need and need[key] <= 95.7 * gib
+    stats = {name: programs.ProgramStats(name, flops=1e15, need_bytes=need.get(key, 200 * gib))
+             for name in ("train_step", "usage_report", "tokenizer_forward")}
+    if not fits:
+      stats["train_step"].error = "RESOURCE_EXHAUSTED: out of memory"
+    return stats
+
+  monkeypatch.setattr(programs, "compile_programs", fake_compile)
+  target = targets_lib.parse_target("tpu:v5p:2x2x1")
+  config = gsq_config.get_config("D=64,G=4,V=256k,f=16")
+  plan = plan_lib.plan_run(config, target, devices=jax.devices()[:4], label="B512")
+  assert not plan.fits and plan.alternative is not None
+  assert plan.fix.startswith("train.remat=dino + mesh fsdp=4 (not enough: train.remat=dino: 97.0 GiB; "
+                             "train.remat=blocks: 99.0 GiB; mesh fsdp=4: 134.0 GiB")
+  assert plan.alternative.fits and plan.alternative.label == "B512 [train.remat=dino + mesh fsdp=4]"
+
+
 def test_a_tpu_program_that_does_not_fit_still_reports_its_need():
   from gsq_jax.planning import programs  # pylint: disable=import-outside-toplevel
 

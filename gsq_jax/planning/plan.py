@@ -167,6 +167,13 @@ def plan_run(config: ml_collections.ConfigDict, target: targets_lib.Target, *,
   plan.forward_flops_per_image = stats["tokenizer_forward"].flops / t.global_batch_size
   plan.total_flops = train_stats.flops * t.total_steps
   _roofline(plan, kind, t.compute_dtype, train_stats.operand_bytes)
+
+  def replan(change: str, fixed: ml_collections.ConfigDict) -> Plan:
+    """`fixed` (the config with `change`) planned on the same devices, without a further search."""
+    return plan_run(fixed, target, label=f"{label} [{change}]", devices=devices,
+                    compiler_options=compiler_options, include_eval=include_eval,
+                    try_fixes=False, mfu=mfu)
+
   if not compile:
     plan.fix, plan.recommended_memory_fraction = "not compiled (FLOPs only)", None
   elif plan.fits and plan.recommended_memory_fraction is not None:
@@ -174,9 +181,7 @@ def plan_run(config: ml_collections.ConfigDict, target: targets_lib.Target, *,
                 f"(JAX preallocates {kind.usable_fraction:.0%}; XLA rematerialised "
                 f"{train_stats.remat_fusions} instructions to fit)")
     for change, fixed in (_remat_fixes(config) if try_fixes else ()):
-      alt = plan_run(fixed, target, label=f"{label} [{change}]", devices=devices,
-                     compiler_options=compiler_options, include_eval=include_eval,
-                     try_fixes=False, mfu=mfu)
+      alt = replan(change, fixed)
       if alt.fits and alt.recommended_memory_fraction is None:
         plan.option = alt
         plan.fix += (f", or {change} ({alt.need_bytes / targets_lib.GIB:.1f} GiB, "
@@ -185,9 +190,7 @@ def plan_run(config: ml_collections.ConfigDict, target: targets_lib.Target, *,
   elif not plan.fits and try_fixes and _out_of_memory(plan):
     tried = []
     for change, fixed in _fixes(config, len(devices)):
-      alt = plan_run(fixed, target, label=f"{label} [{change}]", devices=devices,
-                     compiler_options=compiler_options, include_eval=include_eval,
-                     try_fixes=False, mfu=mfu)
+      alt = replan(change, fixed)
       if alt.fits:
         plan.fix, plan.alternative = change, alt
         break
