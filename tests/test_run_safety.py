@@ -288,3 +288,15 @@ def test_imported_workdir_fixes_only_the_model(tmp_path):
   assert not workdir_lib.holds_only_weights(tmp_path)
   with pytest.raises(workdir_lib.WorkdirRefused, match="train.image_size"):
     workdir_lib.check_relaunch(tmp_path, recipe)
+
+
+def test_a_field_added_later_resumes_runs_written_before_it():
+  """config.json from before optim.encoder_lr_factor existed: 1.0 is what that run did."""
+  new = json.loads(small_config().to_json_best_effort())
+  old = json.loads(json.dumps(new))
+  del old["optim"]["encoder_lr_factor"]
+  for key in workdir_lib.ADDED_FIELDS:
+    assert key in workdir_lib.flatten(new), key  # a typo would excuse nothing
+  assert workdir_lib.config_changes(old, new) == {}
+  new["optim"]["encoder_lr_factor"] = 0.05
+  assert workdir_lib.config_changes(old, new) == {"optim.encoder_lr_factor": ("<absent>", 0.05)}

@@ -104,6 +104,46 @@ def test_adamw_clip_and_weight_decay_on_all_params():
     optim.validate_config(cfg, 10)
 
 
+def test_encoder_lr_factor_scales_only_the_encoders_update():
+  cfg = optim.default_config()
+  params = {"encoder": {"conv": jnp.ones(3)}, "decoder": {"conv": jnp.ones(3)},
+            "quantizer": {"codebook": jnp.ones(2)}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
+  plain, _ = optim.make_optimizer(cfg, "generator", 10)
+  reference, _ = plain.update(grads, plain.init(params), params)
+  cfg.encoder_lr_factor = 0.1
+  optim.validate_config(cfg, 10)
+  for which in ("generator", "discriminator"):
+    tx, _ = optim.make_optimizer(cfg, which, 10)
+    state = tx.init(params)
+    for _ in range(2):  # the second step too: Adam's moments are not scaled
+      updates, state = tx.update(grads, state, params)
+    scale = 0.1 if which == "generator" else 1.0
+    np.testing.assert_allclose(updates["encoder"]["conv"], scale * reference["encoder"]["conv"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(updates["decoder"]["conv"], reference["decoder"]["conv"], rtol=1e-6)
+    np.testing.assert_allclose(updates["quantizer"]["codebook"],
+                               reference["quantizer"]["codebook"], rtol=1e-6)
+  # The real tokenizer's parameters: the mask picks the encoder's, and only those.
+  from flax import nnx
+  from gsq_jax.models import tokenizer
+  from gsq_jax.training import steps
+  model = tokenizer.Tokenizer.from_config(small_config().model, rngs=nnx.Rngs(0))
+  _, model_params, _ = steps.split_tokenizer(model)
+  scaling = optim.encoder_lr_scaling(0.1)
+  ones = jax.tree.map(jnp.ones_like, model_params)
+  scaled, _ = scaling.update(ones, scaling.init(model_params), model_params)
+  factors = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(scaled):
+    factors.setdefault(optim._top_level_name(path), set()).update(
+        np.round(np.unique(np.asarray(leaf, np.float64)), 6).tolist())
+  assert factors == {"encoder": {0.1}, "decoder": {1.0}, "quantizer": {1.0}}
+  for bad in (0.0, 1.5, -1.0):
+    cfg.encoder_lr_factor = bad
+    with pytest.raises(ValueError, match="optim.encoder_lr_factor: must be in"):
+      optim.validate_config(cfg, 10)
+
+
 # ----------------------------------------------------------------------------
 # Faster CPU convolutions: Winograd 3x3 and piecewise weight gradients.
 # ----------------------------------------------------------------------------

@@ -58,7 +58,8 @@ ENVIRONMENT_COLUMNS = (*(environment.version_key(p) for p in environment.PINNED)
 TAIL_COLUMNS = (*ENVIRONMENT_COLUMNS, "config_hash", "git_commit", "workdir")
 # Shown on stdout (when present); the files hold every column.
 SUMMARY_COLUMNS = ("run", "f", "D", "G", "V", "status", "steps", "psnr", "ssim", "lpips_alex",
-                   "lpips_vgg", "rfid", "usage", "perplexity", "wall_time_s")
+                   "lpips_vgg", "rfid", "usage", "usage_uniform_expectation", "lookups",
+                   "perplexity", "wall_time_s")
 RFID_OK, RFID_UNAVAILABLE = "ok", "unavailable"
 _PARAM_KEYS = ("params", "num_params", "params/total", "param_count", "parameters",
                "params_total", "generator_params")

@@ -20,6 +20,9 @@ Config block (`config.optim`):
   piecewise_boundaries   steps at which "piecewise" multiplies the lr ...
   piecewise_factor       ... by this factor (IBQ: 0.1).
   ema_decay              EMA of the generator parameters; 0 = EMA is a copy.
+  encoder_lr_factor      multiplies the generator's lr for the encoder's
+                         parameters only (1 = the paper's one lr for all).
+                         Short CPU runs use 0.1: see `encoder_lr_scaling`.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.piecewise_boundaries = ()
   cfg.piecewise_factor = 0.1
   cfg.ema_decay = 0.999
+  cfg.encoder_lr_factor = 1.0
   return cfg
 
 
@@ -97,6 +101,10 @@ def validate_config(cfg: ml_collections.ConfigDict, total_steps: int) -> None:
     _fail("piecewise_boundaries", f"must be increasing positive step numbers, got {bounds!r}")
   if not 0 <= cfg.ema_decay < 1:
     _fail("ema_decay", f"must be in [0, 1), got {cfg.ema_decay!r}")
+  factor = cfg.get("encoder_lr_factor", 1.0)
+  if not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+    _fail("encoder_lr_factor", f"must be in (0, 1] (1 = one lr for all parameters), "
+          f"got {factor!r}")
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict, base_lr: float,
@@ -136,11 +144,36 @@ def make_optimizer(cfg: ml_collections.ConfigDict, which: str,
                      f"got {which!r}")
   block = cfg[which]
   schedule = lr_schedule(cfg, learning_rate(cfg, which), total_steps)
-  adamw = optax.adamw(schedule, b1=block.b1, b2=block.b2, eps=block.eps,
-                      weight_decay=block.weight_decay)
+  chain = [optax.adamw(schedule, b1=block.b1, b2=block.b2, eps=block.eps,
+                       weight_decay=block.weight_decay)]
+  factor = cfg.get("encoder_lr_factor", 1.0)
+  if which == "generator" and factor != 1:
+    chain.append(encoder_lr_scaling(factor))
   if cfg.grad_clip_norm:
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw), schedule
-  return adamw, schedule
+    chain.insert(0, optax.clip_by_global_norm(cfg.grad_clip_norm))
+  return (chain[0] if len(chain) == 1 else optax.chain(*chain)), schedule
+
+
+def _top_level_name(path) -> str:
+  key = path[0]
+  return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def encoder_lr_scaling(factor: float) -> optax.GradientTransformation:
+  """Scales the AdamW update of the `encoder` subtree: its lr (and decay) times `factor`.
+
+  Why: Adam moves every weight by about lr per step whatever its gradient's
+  size. In a model's first steps the encoder's gradient is nearly the same at
+  every latent position (the decoder cannot yet use their differences), so
+  all latents drift towards one direction, and a codebook of V spread-out
+  rows loses most of its users within ~50 steps; one group of d = 16 is hit
+  hardest (benchmarks/RESULTS.md, "One group in the 100-step demo"). A run
+  that long training lets recover does not need this; a 100-step demo does.
+  """
+  def is_encoder(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: _top_level_name(path) == "encoder",
+                                            params)
+  return optax.masked(optax.scale(factor), is_encoder)
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:

@@ -56,6 +56,11 @@ RESUMABLE = (
     "data.num_workers", "data.num_threads", "data.read_buffer", "data.prefetch",
 )
 
+# Fields added after runs were already being trained, with the value that
+# reproduces what those runs did: a config.json written before the field
+# existed, resumed with that value, is the same experiment.
+ADDED_FIELDS = {"optim.encoder_lr_factor": 1.0}
+
 
 class WorkdirRefused(Exception):
   """The workdir belongs to another process or another config: nothing was written."""
@@ -186,12 +191,16 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
   """{dotted key: (old, new)} of the leaves that differ (JSON-normalised dicts).
 
   Top-level blocks that only the old file has (records other code may add
-  to config.json, e.g. versions) are not part of the config and are ignored.
+  to config.json, e.g. versions) are not part of the config and are ignored,
+  and so is an `ADDED_FIELDS` key the old file lacks, at its old-behaviour value.
   """
   old_flat, new_flat = flatten(old), flatten(new)
   blocks = {k.split(".")[0] for k in new_flat}
   keys = set(new_flat) | {k for k in old_flat if k.split(".")[0] in blocks}
   missing = "<absent>"
+  for key, value in ADDED_FIELDS.items():
+    if key not in old_flat and new_flat.get(key, missing) == value:
+      keys.discard(key)
   return {k: (old_flat.get(k, missing), new_flat.get(k, missing)) for k in sorted(keys)
           if old_flat.get(k, missing) != new_flat.get(k, missing)}
 
