@@ -7,7 +7,7 @@ D in {8, 16} x G in {1, 4}, V = 256, 100 steps each, two runs at a time
 The decoder and codebook learn at lr 3e-4, the encoder at 0.05x that: at
 one lr, Adam drifts every latent towards one direction in the first ~50
 steps, and one group of d = 8 or 16 leaves most of the 256 codes unused
-(10-21 % instead of ~100 %) until thousands of steps later; with the slow
+(10-23 % instead of ~100 %, recovering only over thousands of steps); with the slow
 encoder the one-group rows stay near the uniform expectation and the
 decoder still learns fast (optim.encoder_lr_factor; benchmarks/RESULTS.md,
 "One group in the 100-step demo"). Usage is read on 128 evaluation crops,
