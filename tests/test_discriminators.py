@@ -183,7 +183,13 @@ def test_dino_discriminator_official_518(official):
                           jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32),
                           jax.random.key(0))
   assert shapes.shape == (2, 5 * 1374)
-  # One real forward at the native 518 resolution (batch 1).
+
+
+@pytest.mark.slow  # 10 s of the default suite's budget; the shapes above stay in it
+def test_dino_discriminator_official_518_forward(official):
+  """One real forward at the native 518 resolution (batch 1)."""
+  path, _ = official
+  disc = D.make_dino_discriminator(str(path), rngs=nnx.Rngs(0))
   x = jax.random.uniform(jax.random.key(1), (1, 32, 32, 3))
   out = nnx.jit(lambda m, x, k: m(x, k))(disc, x, jax.random.key(2))
   assert out.shape == (1, 6870) and bool(jnp.all(jnp.isfinite(out)))

@@ -154,8 +154,10 @@ def _lax_same_conv(x, w):
   return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
 
 
-@pytest.mark.parametrize("m,shape,cout", [(4, (2, 8, 12, 5), 7), (2, (1, 6, 4, 3), 2),
-                                          (4, (3, 4, 4, 16), 16)])
+# The default suite keeps one case per tile size m; the others run under -m slow.
+@pytest.mark.parametrize("m,shape,cout", [
+    pytest.param(4, (2, 8, 12, 5), 7, marks=pytest.mark.slow), (2, (1, 6, 4, 3), 2),
+    (4, (3, 4, 4, 16), 16)])
 def test_winograd_conv_equals_lax_forward_and_gradients(m, shape, cout):
   keys = jax.random.split(jax.random.key(m), 3)
   x = jax.random.normal(keys[0], shape)
@@ -215,7 +217,8 @@ def test_cpu_conv_uses_winograd_only_where_it_pays_off(monkeypatch):
     np.testing.assert_allclose(conv(x, w), _lax_same_conv(x, w), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("stride,kernel,cin,cout", [(1, 3, 8, 16), (1, 1, 16, 8), (2, 4, 3, 8)])
+@pytest.mark.parametrize("stride,kernel,cin,cout", [
+    (1, 3, 8, 16), (1, 1, 16, 8), pytest.param(2, 4, 3, 8, marks=pytest.mark.slow)])
 def test_piecewise_weight_grad_equals_xla(stride, kernel, cin, cout):
   pad = ((kernel // 2, (kernel - 1) // 2),) * 2
   x = jax.random.normal(jax.random.key(0), (4, 12, 12, cin))
