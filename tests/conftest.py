@@ -51,7 +51,8 @@ def shared_dir() -> pathlib.Path:
 def trainer_env() -> dict[str, str]:
   """Environment of trainer subprocesses (sweeps): one CPU device each, not the
   tests' 8 simulated ones, with the tests' XLA backend settings (-O0: a
-  few-step run is mostly compilation, and this saves ~20% of it). The shared compilation cache comes with os.environ."""
+  few-step run is mostly compilation, and this saves ~20% of it). The shared
+  compilation cache comes with os.environ."""
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]

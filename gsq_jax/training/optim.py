@@ -22,7 +22,7 @@ Config block (`config.optim`):
   ema_decay              EMA of the generator parameters; 0 = EMA is a copy.
   encoder_lr_factor      multiplies the generator's lr for the encoder's
                          parameters only (1 = the paper's one lr for all).
-                         Short CPU runs use 0.1: see `encoder_lr_scaling`.
+                         The 100-step CPU demo uses 0.05: see `encoder_lr_scaling`.
 """
 
 from __future__ import annotations
